@@ -1,0 +1,45 @@
+"""Pure geometry of spatial decomposition: blocks, per-layer windows, halo plans."""
+
+from haloseg.geometry.blocks import (
+    Box,
+    Range,
+    block_boxes,
+    box_volume,
+    boxes_from_bounds,
+    grid_coords,
+    grid_rank,
+    intersect,
+    nearest_multiples,
+    split_extent,
+)
+from haloseg.geometry.halo import HaloPlan, Piece, plan_exchange
+from haloseg.geometry.rules import (
+    AxisRule,
+    ConvAxis,
+    IndexAxis,
+    TransposedConvAxis,
+    out_bounds,
+    same_padding,
+)
+
+__all__ = [
+    "AxisRule",
+    "Box",
+    "ConvAxis",
+    "HaloPlan",
+    "IndexAxis",
+    "Piece",
+    "Range",
+    "TransposedConvAxis",
+    "block_boxes",
+    "box_volume",
+    "boxes_from_bounds",
+    "grid_coords",
+    "grid_rank",
+    "intersect",
+    "nearest_multiples",
+    "out_bounds",
+    "plan_exchange",
+    "same_padding",
+    "split_extent",
+]

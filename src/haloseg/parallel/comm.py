@@ -1,0 +1,247 @@
+"""Halo exchange over torch.distributed point-to-point messages, and its adjoint.
+
+``exchange`` fills a rank's input window from its neighbours' blocks; ``return_halo_grads`` is
+its adjoint: gradients of the halo cells travel back to their owners and are added there.
+``HaloExchange`` binds the two into an ``autograd.Function``. Buffers are built by
+``assemble`` (local copies only); geometry comes from ``haloseg.geometry.plan_exchange``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from haloseg.geometry import Box, HaloPlan
+
+__all__ = [
+    "HaloExchange",
+    "Padding",
+    "assemble",
+    "assemble_adjoint",
+    "comm_times",
+    "exchange",
+    "reset_comm_times",
+    "return_halo_grads",
+    "timed",
+]
+
+Padding = float | str
+"""Out-of-image fill: a constant (0.0, -inf) or an ``F.pad`` mode ('reflect', 'replicate')."""
+
+_TIMES: dict[str, float] = defaultdict(float)
+
+
+@contextmanager
+def timed(kind: str) -> Iterator[None]:
+    """Add the wall time of the block to the communication time of ``kind``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _TIMES[kind] += time.perf_counter() - start
+
+
+def comm_times() -> dict[str, float]:
+    """Seconds spent in each kind of communication since the last reset."""
+    return dict(_TIMES)
+
+
+def reset_comm_times() -> None:
+    _TIMES.clear()
+
+
+def _slices(box: Box) -> tuple[slice, ...]:
+    return (slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))
+
+
+def _shape(x: torch.Tensor, box: Box) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[1], *(hi - lo for lo, hi in box))
+
+
+def _p2p(
+    sends: Sequence[tuple[int, torch.Tensor, int]],
+    recvs: Sequence[tuple[int, torch.Tensor, int]],
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> None:
+    """Post all sends and receives (peer, tensor, tag) at once, then wait for them."""
+    ops = [dist.P2POp(dist.isend, t, peers[p], group, tag) for p, t, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peers[p], group, tag) for p, t, tag in recvs]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def _tagged(pieces: Sequence[Any], rank: int) -> list[tuple[int, Any, int]]:
+    """(position, piece, tag) for pieces from/to other ranks; tags count per peer in order."""
+    seen: dict[int, int] = defaultdict(int)
+    out = []
+    for i, piece in enumerate(pieces):
+        if piece.peer == rank:
+            continue
+        out.append((i, piece, seen[piece.peer]))
+        seen[piece.peer] += 1
+    return out
+
+
+def exchange(
+    x: torch.Tensor,
+    plan: HaloPlan,
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor | None]:
+    """Receive this rank's halo pieces (``None`` where the piece is its own data).
+
+    ``peers`` maps group ranks to global ranks. Only halo cells are copied: a send is the
+    contiguous copy of a thin slab of ``x``, never the whole block.
+    """
+    received: list[torch.Tensor | None] = [None] * len(plan.recv)
+    sends, recvs = [], []
+    for _, piece, tag in _tagged(plan.send, plan.rank):
+        sends.append((piece.peer, x[_slices(piece.source)].contiguous(), tag))
+    for i, piece, tag in _tagged(plan.recv, plan.rank):
+        received[i] = x.new_empty(_shape(x, piece.buffer))
+        recvs.append((piece.peer, received[i], tag))
+    with timed("halo"):
+        _p2p(sends, recvs, peers, group)
+    return received
+
+
+def return_halo_grads(
+    grad_x: torch.Tensor,
+    grad_pieces: Sequence[torch.Tensor | None],
+    plan: HaloPlan,
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Adjoint of ``exchange``: send halo gradients to their owners, add what comes back."""
+    sends, recvs = [], []
+    for i, piece, tag in _tagged(plan.recv, plan.rank):
+        sends.append((piece.peer, grad_pieces[i].contiguous(), tag))
+    incoming = []
+    for _, piece, tag in _tagged(plan.send, plan.rank):
+        buf = grad_x.new_empty(_shape(grad_x, piece.source))
+        incoming.append((piece.source, buf))
+        recvs.append((piece.peer, buf, tag))
+    with timed("halo"):
+        _p2p(sends, recvs, peers, group)
+    for box, buf in incoming:
+        grad_x[_slices(box)] += buf
+    return grad_x
+
+
+def _core(plan: HaloPlan) -> Box:
+    """The in-image part of the window, in window coordinates."""
+    return tuple((lo, n - hi) for (lo, hi), n in zip(plan.pad, plan.shape, strict=True))
+
+
+def _flat_pad(plan: HaloPlan) -> list[int]:
+    return [v for lo_hi in reversed(plan.pad) for v in lo_hi]
+
+
+def assemble(
+    x: torch.Tensor,
+    received: Sequence[torch.Tensor | None],
+    plan: HaloPlan,
+    padding: Padding,
+) -> torch.Tensor:
+    """The haloed window ``(N, C, *window)`` from the local block and the received pieces."""
+    if plan.is_identity:
+        return x
+    if plan.is_view:
+        return x[_slices(plan.recv[0].source)]
+    padded = any(lo or hi for lo, hi in plan.pad)
+    if isinstance(padding, str) and padded:
+        core = _core(plan)
+        origin = tuple((lo, lo) for lo, _ in core)
+        buf = x.new_empty(_shape(x, tuple((0, hi - lo) for lo, hi in core)))
+        _fill(buf, x, received, plan, origin)
+        return F.pad(buf, _flat_pad(plan), mode=padding)
+    if padded:
+        buf = x.new_full(_shape(x, plan.window), float(padding))
+    else:
+        buf = x.new_empty(_shape(x, plan.window))
+    _fill(buf, x, received, plan, None)
+    return buf
+
+
+def _fill(
+    buf: torch.Tensor,
+    x: torch.Tensor,
+    received: Sequence[torch.Tensor | None],
+    plan: HaloPlan,
+    origin: Box | None,
+) -> None:
+    for piece, data in zip(plan.recv, received, strict=True):
+        box = piece.buffer if origin is None else _shift(piece.buffer, origin)
+        buf[_slices(box)] = x[_slices(piece.source)] if data is None else data
+
+
+def _shift(box: Box, origin: Box) -> Box:
+    return tuple((a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
+
+
+def assemble_adjoint(
+    grad_buf: torch.Tensor,
+    x_shape: Sequence[int],
+    plan: HaloPlan,
+    padding: Padding,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Adjoint of ``assemble``: the gradient of the local block and of each received piece."""
+    if plan.is_identity:
+        return grad_buf, [None]
+    grad_x = grad_buf.new_zeros(x_shape)
+    if plan.is_view:
+        grad_x[_slices(plan.recv[0].source)] = grad_buf
+        return grad_x, [None]
+    origin = None
+    if isinstance(padding, str) and any(lo or hi for lo, hi in plan.pad):
+        core = _core(plan)
+        origin = tuple((lo, lo) for lo, _ in core)
+        dummy = grad_buf.new_zeros(_shape(grad_buf, tuple((0, hi - lo) for lo, hi in core)))
+        dummy.requires_grad_(True)
+        with torch.enable_grad():
+            (grad_buf,) = torch.autograd.grad(
+                F.pad(dummy, _flat_pad(plan), mode=padding), dummy, grad_buf
+            )
+    grad_pieces: list[torch.Tensor | None] = []
+    for piece in plan.recv:
+        box = piece.buffer if origin is None else _shift(piece.buffer, origin)
+        g = grad_buf[_slices(box)]
+        if piece.peer == plan.rank:
+            grad_x[_slices(piece.source)] += g
+            grad_pieces.append(None)
+        else:
+            grad_pieces.append(g)
+    return grad_x, grad_pieces
+
+
+class HaloExchange(torch.autograd.Function):
+    """``x (N, C, *block) -> window (N, C, *window)``; backward adds halo gradients to owners."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        plan: HaloPlan,
+        padding: Padding,
+        peers: Sequence[int],
+        group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        ctx.plan, ctx.padding, ctx.peers, ctx.group = plan, padding, peers, group
+        ctx.x_shape = x.shape
+        buf = assemble(x, exchange(x, plan, peers, group), plan, padding)
+        return buf.clone() if buf is x else buf
+
+    @staticmethod
+    def backward(ctx: Any, grad_buf: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x, grad_pieces = assemble_adjoint(grad_buf, ctx.x_shape, ctx.plan, ctx.padding)
+        grad_x = return_halo_grads(grad_x, grad_pieces, ctx.plan, ctx.peers, ctx.group)
+        return grad_x, None, None, None, None
