@@ -52,8 +52,8 @@ class HaloPlan:
 
     @property
     def is_identity(self) -> bool:
-        """The window is exactly this rank's block: no copy, no message."""
-        return self.window == self.local_box
+        """The window is exactly this rank's block and nobody needs its cells: no message."""
+        return self.window == self.local_box and not self.send
 
     @property
     def is_view(self) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
 
+from haloseg.errors import DecompositionError
 from haloseg.geometry.blocks import Range
 
 __all__ = [
@@ -145,13 +146,23 @@ def out_bounds(in_bounds: Sequence[int], rule: AxisRule) -> list[int]:
     """
     n_in = in_bounds[-1]
     n_out = rule.out_size(n_in)
+    if n_out <= 0:
+        raise DecompositionError(
+            f"{rule} turns an input of size {n_in} into an output of size {n_out}; use a "
+            "larger image"
+        )
+    stride = getattr(rule, "stride", 1)
+    down = isinstance(rule, ConvAxis) and stride > 1 and n_in == n_out * stride
+    up = (isinstance(rule, TransposedConvAxis) and n_out == n_in * stride) or (
+        isinstance(rule, IndexAxis) and n_out % n_in == 0
+    )
     bounds = [0]
     for c in in_bounds[1:-1]:
         if n_out == n_in:
             d = c
-        elif n_out < n_in and n_in % n_out == 0 and c % (n_in // n_out) == 0:
-            d = c // (n_in // n_out)
-        elif n_out > n_in and n_out % n_in == 0:
+        elif down and c % stride == 0:
+            d = c // stride
+        elif up:
             d = c * (n_out // n_in)
         else:
             d = _first_owned(c, rule, n_out)

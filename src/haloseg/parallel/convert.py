@@ -9,6 +9,7 @@ forward, caught by a ``TorchFunctionMode``.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -359,7 +360,8 @@ def downsampling_factor(model: nn.Module, spatial_dims: int) -> int:
             k: torch.empty_like(v, device="meta")
             for k, v in model.state_dict(keep_vars=True).items()
         }
-        x = torch.empty((1, first.in_channels, *([probe] * spatial_dims)), device="meta")
+        shape = (1, first.in_channels, *([probe] * spatial_dims))
+        x = torch.empty(shape, device="meta", dtype=first.weight.dtype)
         try:
             torch.func.functional_call(model, meta, (x,))
         except Exception:  # noqa: BLE001 - a probe size the network does not accept
@@ -370,7 +372,8 @@ def downsampling_factor(model: nn.Module, spatial_dims: int) -> int:
                 h.remove()
         if sizes:
             return max(sizes)
-    return max(s for _, s in strided)
+    # No probe size ran: the product of all strides is a safe (if strict) alignment.
+    return math.prod(s for _, s in strided)
 
 
 def spatial_parallel(

@@ -47,7 +47,10 @@ def _worker(
     torch.set_num_threads(threads)
     try:
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=int(os.environ.get("HALOSEG_GLOO_TIMEOUT", "120"))),
         )
         results.put((rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
