@@ -152,12 +152,23 @@ LAYERS = {
 }
 
 
+def build_layer(name: str) -> nn.Module:
+    return LAYERS[name]()
+
+
 @pytest.mark.parametrize("grid", [(2, 2), (3, 1)], ids=lambda g: "x".join(map(str, g)))
 def test_every_layer_rule(grid: tuple[int, ...]) -> None:
     shape = (24, 36) if grid == (2, 2) else (36, 30)
     cases = [
-        Case(f"{name}-{dtype}", build, shape, grid, dtype=dtype, seed=i)
-        for i, (name, build) in enumerate(LAYERS.items())
+        Case(
+            f"{name}-{dtype}",
+            functools.partial(build_layer, name),
+            shape,
+            grid,
+            dtype=dtype,
+            seed=i,
+        )
+        for i, name in enumerate(LAYERS)
         for dtype in (torch.float64, torch.float32)
     ]
     run(cases, 4 if grid == (2, 2) else 3)

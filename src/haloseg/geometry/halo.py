@@ -57,10 +57,11 @@ class HaloPlan:
 
     @property
     def is_view(self) -> bool:
-        """The window lies inside this rank's block: a slice of it, no message."""
+        """The window lies inside this rank's block and nobody needs its cells: a slice."""
         return (
             len(self.recv) == 1
             and self.recv[0].peer == self.rank
+            and not self.send
             and not any(lo or hi for lo, hi in self.pad)
         )
 
@@ -121,7 +122,9 @@ def plan_exchange(
     all_pieces = [_pieces(w, boxes, shape, periodic) for w in windows]
     mine = all_pieces[rank]
     if grid is not None:
-        _check_neighbours(rank, [owner for owner, _, _ in mine], grid, periodic)
+        # Every rank checks every plan, so that all raise together instead of some waiting.
+        for r, pieces in enumerate(all_pieces):
+            _check_neighbours(r, [owner for owner, _, _ in pieces], grid, periodic)
     recv = tuple(Piece(o, buf, _local(g, boxes[o])) for o, buf, g in mine)
     send = tuple(
         Piece(q, buf, _local(g, boxes[rank]))

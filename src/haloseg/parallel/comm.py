@@ -72,6 +72,17 @@ def _p2p(
     group: dist.ProcessGroup | None,
 ) -> None:
     """Post all sends and receives (peer, tensor, tag) at once, then wait for them."""
+    if not sends and not recvs:
+        return
+    if dist.get_backend(group) == "gloo":
+        # gloo: independent non-blocking messages (batching needs every rank of the group
+        # to take part in the first batch, and a rank with nothing to exchange does not).
+        works = [dist.isend(t, peers[p], group, tag) for p, t, tag in sends]
+        works += [dist.irecv(t, peers[p], group, tag) for p, t, tag in recvs]
+        for work in works:
+            work.wait()
+        return
+    # NCCL: one group call, so that paired sends and receives cannot deadlock.
     ops = [dist.P2POp(dist.isend, t, peers[p], group, tag) for p, t, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, peers[p], group, tag) for p, t, tag in recvs]
     if ops:

@@ -163,6 +163,12 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
+def _zero_pad(func: Any, args: tuple, kwargs: dict) -> bool:
+    """``F.pad`` by nothing (MONAI's UpCat calls it on every forward) is harmless."""
+    pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+    return func is F.pad and pad is not None and not any(pad)
+
+
 class _FunctionalGuard(TorchFunctionMode):
     """Refuse spatial functional calls made outside partitioned layers during the forward."""
 
@@ -176,7 +182,7 @@ class _FunctionalGuard(TorchFunctionMode):
         kwargs = kwargs or {}
         if getattr(_STATE, "inside", 0):
             return func(*args, **kwargs)
-        if func in _DENY:
+        if func in _DENY and not _zero_pad(func, args, kwargs):
             self._refuse(f"{_name(func)} is a spatial operation")
         if func in _DIM_FUNCS:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)

@@ -75,10 +75,12 @@ class Partitioned:
 
     _hs: LayerContext
 
+    @property
+    def _kind(self) -> str:
+        return next(c for c in type(self).__mro__ if not issubclass(c, Partitioned)).__name__
+
     def _error(self, reason: str) -> DecompositionError:
-        return DecompositionError(
-            f"layer '{self._hs.path}' ({type(self).__mro__[2].__name__}): {reason}"
-        )
+        return DecompositionError(f"layer '{self._hs.path}' ({self._kind}): {reason}")
 
     def _layout(
         self,

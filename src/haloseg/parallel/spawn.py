@@ -83,8 +83,19 @@ def run_distributed(
         )
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    # Set in the parent while starting: some variables (glibc's MALLOC_*) are read only
+    # when a process starts, too early for the child to set them itself.
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out: dict[int, Any] = {}
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:

@@ -1,0 +1,170 @@
+"""Spatial decomposition benchmark: per-rank peak memory, step time and communication.
+
+Each configuration runs in fresh processes (one thread each): plain PyTorch on the
+unmodified model in one process, and haloseg on 1, 2 and 4 ranks. Peak memory is the rise
+of the resident set during a forward+backward step (peak reset through
+``/proc/self/clear_refs``), measured with the default allocator and allocator-neutral
+(glibc ``MALLOC_MMAP_THRESHOLD_=65536``: large tensors are returned to the OS when freed, so
+the resident set tracks live tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from haloseg.models import unet_preset
+from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
+from haloseg.parallel.comm import comm_times, reset_comm_times
+from haloseg.parallel.spawn import run_distributed
+
+__all__ = ["SCENARIOS", "Result", "run_spatial_benchmark"]
+
+log = logging.getLogger(__name__)
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "2d-1024": {"shape": (1024, 1024), "grids": {2: (1, 2), 4: (2, 2)}},
+    "3d-128": {"shape": (128, 128, 128), "grids": {2: (1, 1, 2), 4: (1, 2, 2)}},
+}
+NEUTRAL = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@dataclass
+class Result:
+    """One configuration: medians over the timed steps, worst rank where per rank."""
+
+    scenario: str
+    mode: str
+    ranks: int
+    allocator: str
+    step_s: float
+    peak_mib: float
+    comm_s: dict[str, float] = field(default_factory=dict)
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} missing from /proc/self/status")
+
+
+def _reset_peak() -> None:
+    # Writing 5 resets the peak resident set (VmHWM) to the current one (Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str, Any]:
+    shape = SCENARIOS[scenario]["shape"]
+    torch.manual_seed(0)
+    model = unet_preset("small", spatial_dims=len(shape), in_channels=1, out_channels=2)
+    if grid is None:
+        net, local = model, shape
+    else:
+        dec = Decomposition(grid)
+        net = spatial_parallel(model, dec)
+        local = tuple(b - a for a, b in dec.box(shape))
+    x = torch.randn(1, 1, *local)
+    target = torch.randint(0, 2, (1, *local))
+    times, peaks, comms = [], [], []
+    for step in range(steps + 1):
+        if grid is not None:
+            dist.barrier()
+        reset_comm_times()
+        net.zero_grad(set_to_none=True)
+        _reset_peak()
+        base = _rss_kib("VmRSS")
+        start = time.perf_counter()
+        y = net(x)
+        loss = F.cross_entropy(y, target) if grid is None else cross_entropy(y, target, dec)
+        loss.backward()
+        elapsed = time.perf_counter() - start
+        peak = _rss_kib("VmHWM") - base
+        del y, loss
+        if step:  # the first step warms up caches and plans
+            times.append(elapsed)
+            peaks.append(peak / 1024)
+            comms.append(comm_times())
+    kinds = sorted({k for c in comms for k in c})
+    return {
+        "step_s": statistics.median(times),
+        "peak_mib": max(peaks),
+        "comm_s": {k: statistics.median(c.get(k, 0.0) for c in comms) for k in kinds},
+    }
+
+
+def _config(scenario: str, ranks: int | None, steps: int, allocator: str) -> Result:
+    env = NEUTRAL if allocator == "neutral" else {}
+    if ranks is None:
+        out = run_distributed(_worker, 1, scenario, None, steps, env=env, timeout=3600)
+        mode, n = "plain PyTorch", 1
+    else:
+        grid = SCENARIOS[scenario]["grids"].get(ranks, (1,) * len(SCENARIOS[scenario]["shape"]))
+        out = run_distributed(_worker, ranks, scenario, grid, steps, env=env, timeout=3600)
+        mode, n = f"haloseg {'x'.join(map(str, grid))}", ranks
+    worst = max(out, key=lambda r: r["step_s"])
+    comm = {k: max(r["comm_s"].get(k, 0.0) for r in out) for k in worst["comm_s"]}
+    return Result(scenario, mode, n, allocator, worst["step_s"],
+                  max(r["peak_mib"] for r in out), comm)  # fmt: skip
+
+
+def run_spatial_benchmark(
+    scenarios: list[str], ranks: list[int], steps: int, allocators: list[str]
+) -> list[Result]:
+    """Run every configuration, one after another, and return the results."""
+    results = []
+    for scenario in scenarios:
+        for allocator in allocators:
+            for n in [None, *ranks]:
+                log.info("running %s, %s ranks, %s allocator", scenario, n or "plain", allocator)
+                results.append(_config(scenario, n, steps, allocator))
+    return results
+
+
+def report(results: list[Result]) -> list[dict[str, Any]]:
+    """Rows with the ratios the targets are stated in: time and memory against plain / P."""
+    rows = []
+    for r in results:
+        plain = next(
+            p for p in results
+            if p.scenario == r.scenario and p.allocator == r.allocator and p.ranks == 1
+            and p.mode == "plain PyTorch"
+        )  # fmt: skip
+        comm = sum(r.comm_s.values())
+        rows.append({
+            **asdict(r),
+            "time_vs_plain": r.step_s / plain.step_s,
+            "memory_vs_plain_over_P": r.peak_mib / (plain.peak_mib / r.ranks),
+            "comm_share": comm / r.step_s,
+        })  # fmt: skip
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "threads_per_rank": 1,
+        "memory_gib": round(
+            math.ceil(int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2), 1
+        ),
+    }
+
+
+def write_json(rows: list[dict[str, Any]], path: Path, command: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), "command": command, "rows": rows}, indent=2))
+    tmp.replace(path)
