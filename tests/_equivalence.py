@@ -156,3 +156,27 @@ def adjoint_worker(grid: tuple[int, ...], padding: object, periodic: bool) -> fl
     both = torch.stack([(fx * y).sum(), (x * fty).sum()]).detach()
     dist.all_reduce(both)
     return abs(both[0].item() - both[1].item()) / abs(both[0].item())
+
+
+def data_space_worker(dtype: torch.dtype) -> dict[str, float]:
+    """2 data replicas x (1, 2) blocks against one process on the whole batch of 4."""
+    from haloseg.parallel.data import data_parallel, data_space_mesh, space_decomposition
+
+    torch.manual_seed(0)
+    model = haloseg.UNet(
+        spatial_dims=2, in_channels=2, out_channels=3, depth=2, base_channels=4, norm="instance"
+    ).to(dtype)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 2, 16, 24, dtype=dtype)
+    w = torch.randn(4, 3, 16, 24, dtype=dtype)
+    (ref(x) * w).sum().div(4).backward()
+    mesh = data_space_mesh(2, (1, 2))
+    dec = space_decomposition(mesh, (1, 2))
+    net = data_parallel(haloseg.spatial_parallel(model, dec, sync_gradients=False), mesh)
+    replica = mesh.get_local_rank("data")
+    rows = slice(2 * replica, 2 * replica + 2)
+    yl = net(dec.scatter(x[rows]))
+    # Each replica's loss is the mean over its own samples; DDP averages the replicas.
+    loss = haloseg.global_sum((yl * w[rows][_box_slices(yl, dec)]).sum(), dec) / 2
+    loss.backward()
+    return {"param_grad": close(_flat_grads(model), _flat_grads(ref), dtype)}

@@ -188,3 +188,11 @@ def test_eval_mode_uses_running_statistics() -> None:
 def test_halo_exchange_is_adjoint(padding: object, periodic: bool) -> None:
     for gap in run_distributed(adjoint_worker, 4, (2, 2), padding, periodic):
         assert gap < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_data_parallel_over_spatial_blocks(dtype: torch.dtype) -> None:
+    from _equivalence import data_space_worker
+
+    for errs in run_distributed(data_space_worker, 4, dtype):
+        assert errs["param_grad"] <= tolerance(dtype), errs

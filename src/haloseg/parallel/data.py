@@ -38,6 +38,12 @@ def _mean_over_data(state: int, bucket: dist.GradBucket) -> torch.futures.Future
     return fut.then(lambda f: f.value()[0])
 
 
+# DDP checks the hook's annotations as objects, not the strings postponed evaluation leaves.
+_mean_over_data.__annotations__.update(
+    bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
+)
+
+
 def data_parallel(model: nn.Module, mesh: DeviceMesh, **ddp_kwargs: Any) -> nn.Module:
     """Wrap a model converted with ``spatial_parallel(..., sync_gradients=False)`` in DDP.
 
