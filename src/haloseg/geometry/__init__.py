@@ -12,7 +12,7 @@ from haloseg.geometry.blocks import (
     nearest_multiples,
     split_extent,
 )
-from haloseg.geometry.halo import HaloPlan, Piece, plan_exchange
+from haloseg.geometry.halo import HaloPlan, Piece, plan_exchange, trim_padding
 from haloseg.geometry.rules import (
     AxisRule,
     ConvAxis,
@@ -42,4 +42,5 @@ __all__ = [
     "plan_exchange",
     "same_padding",
     "split_extent",
+    "trim_padding",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from haloseg.errors import DecompositionError
 from haloseg.geometry.blocks import Box, Range, grid_coords, intersect
 
-__all__ = ["HaloPlan", "Piece", "plan_exchange"]
+__all__ = ["HaloPlan", "Piece", "plan_exchange", "trim_padding"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,21 @@ class HaloPlan:
             and not self.send
             and not any(lo or hi for lo, hi in self.pad)
         )
+
+
+def trim_padding(plan: HaloPlan, trim: tuple[int, ...]) -> HaloPlan:
+    """The plan with ``trim[d]`` cells of out-of-image padding dropped from both ends of
+    dimension ``d`` (a convolution pads those itself). Messages do not change."""
+    if not any(trim):
+        return plan
+    window = tuple((lo + t, hi - t) for (lo, hi), t in zip(plan.window, trim, strict=True))
+    pad = tuple((lo - t, hi - t) for (lo, hi), t in zip(plan.pad, trim, strict=True))
+    recv = tuple(
+        Piece(p.peer, tuple((a - t, b - t) for (a, b), t in zip(p.buffer, trim, strict=True)),
+              p.source)
+        for p in plan.recv
+    )  # fmt: skip
+    return HaloPlan(plan.rank, window, plan.local_box, pad, recv, plan.send)
 
 
 def _segments(window: Range, size: int, periodic: bool) -> list[tuple[int, Range]]:

@@ -175,12 +175,20 @@ def assemble(
         buf = x.new_empty(_shape(x, tuple((0, hi - lo) for lo, hi in core)))
         _fill(buf, x, received, plan, origin)
         return F.pad(buf, _flat_pad(plan), mode=padding)
+    buf = x.new_empty(_shape(x, plan.window))
     if padded:
-        buf = x.new_full(_shape(x, plan.window), float(padding))
-    else:
-        buf = x.new_empty(_shape(x, plan.window))
+        _fill_padding(buf, plan, float(padding))
     _fill(buf, x, received, plan, None)
     return buf
+
+
+def _fill_padding(buf: torch.Tensor, plan: HaloPlan, value: float) -> None:
+    """Set the out-of-image slabs of the window (only those) to ``value``."""
+    for d, (lo, hi) in enumerate(plan.pad):
+        n = buf.shape[2 + d]
+        for a, b in ((0, lo), (n - hi, n)):
+            if b > a:
+                buf.narrow(2 + d, a, b - a).fill_(value)
 
 
 def _fill(
@@ -208,8 +216,8 @@ def assemble_adjoint(
     """Adjoint of ``assemble``: the gradient of the local block and of each received piece."""
     if plan.is_identity:
         return grad_buf, [None]
-    grad_x = grad_buf.new_zeros(x_shape)
     if plan.is_view:
+        grad_x = grad_buf.new_zeros(x_shape)
         grad_x[_slices(plan.recv[0].source)] = grad_buf
         return grad_x, [None]
     origin = None
@@ -222,11 +230,19 @@ def assemble_adjoint(
             (grad_buf,) = torch.autograd.grad(
                 F.pad(dummy, _flat_pad(plan), mode=padding), dummy, grad_buf
             )
+    own = [p for p in plan.recv if p.peer == plan.rank]
+    whole = tuple((0, n) for n in x_shape[2:])
+    # The common case, one own piece covering the block: a copy, not zeros plus an add.
+    first_copy = len(own) == 1 and own[0].source == whole
+    grad_x = grad_buf.new_empty(x_shape) if first_copy else grad_buf.new_zeros(x_shape)
     grad_pieces: list[torch.Tensor | None] = []
     for piece in plan.recv:
         box = piece.buffer if origin is None else _shift(piece.buffer, origin)
         g = grad_buf[_slices(box)]
-        if piece.peer == plan.rank:
+        if piece.peer == plan.rank and first_copy:
+            grad_x.copy_(g)
+            grad_pieces.append(None)
+        elif piece.peer == plan.rank:
             grad_x[_slices(piece.source)] += g
             grad_pieces.append(None)
         else:

@@ -30,6 +30,7 @@ from haloseg.geometry import (
     out_bounds,
     plan_exchange,
     same_padding,
+    trim_padding,
 )
 from haloseg.parallel.comm import (
     HaloExchange,
@@ -162,6 +163,8 @@ class _ConvSpec:
     transposed: bool
     crop: tuple[int, ...] | None
     """Transposed only: where this rank's output starts in the window's full output."""
+    conv_padding: tuple[int, ...]
+    """Zero padding the convolution applies itself (symmetric image-border padding)."""
     out_shape: tuple[int, ...]
     dec: Decomposition
 
@@ -208,7 +211,7 @@ class _HaloConv(torch.autograd.Function):
             if ctx.has_bias
             else None,
             spec.stride,
-            [0] * n,
+            spec.conv_padding,
             spec.dilation,
             spec.transposed,
             [0] * n,
@@ -232,7 +235,7 @@ def _run_conv(
         weight,
         bias,
         spec.stride,
-        [0] * n,
+        spec.conv_padding,
         spec.dilation,
         spec.transposed,
         [0] * n,
@@ -268,7 +271,13 @@ class PartitionedConv(Partitioned):
         periodic = [circular and pads[i] != (0, 0) for i in range(n)]
         fill: Padding = 0.0 if self.padding_mode in ("zeros", "circular") else self.padding_mode
         layout = self._layout(x, rules, periodic)
-        spec = _ConvSpec(layout.plan, fill, s, d, self.groups, False, None, (), self._hs.dec)
+        plan, conv_padding = layout.plan, (0,) * n
+        if fill == 0.0:
+            # Zeros the convolution can add itself need not be copied into the window.
+            conv_padding = tuple(min(lo, hi) for lo, hi in plan.pad)
+            plan = trim_padding(plan, conv_padding)
+        spec = _ConvSpec(plan, fill, s, d, self.groups, False, None, conv_padding, (),
+                         self._hs.dec)  # fmt: skip
         return _HaloConv.apply(x, self.weight, self.bias, spec)
 
 
@@ -291,7 +300,8 @@ class PartitionedConvTranspose(Partitioned):
             a - (w[0] * s[i] - p[i]) for i, ((a, _), w) in enumerate(zip(layout.out_box, window))
         )
         out_shape = tuple(b - a for a, b in layout.out_box)
-        spec = _ConvSpec(layout.plan, 0.0, s, d, self.groups, True, crop, out_shape, self._hs.dec)
+        spec = _ConvSpec(layout.plan, 0.0, s, d, self.groups, True, crop, (0,) * n, out_shape,
+                         self._hs.dec)  # fmt: skip
         return _HaloConv.apply(x, self.weight, self.bias, spec)
 
 
@@ -419,21 +429,26 @@ class PartitionedUpsample(Partitioned):
 
 class _PartitionedNorm(Partitioned):
     def _normalize(
-        self, x: torch.Tensor, view: tuple[int, ...], stat_dims: tuple[int, ...]
+        self,
+        x: torch.Tensor,
+        view: tuple[int, ...],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Normalise the rows of ``x.view(view)`` with whole-image statistics."""
         dec = self._hs.dec
-        mean, var, count = global_moments(x.view(view), stat_dims, dec)
-        invstd = torch.rsqrt(var + self.eps)
-        weight = self.weight if getattr(self, "affine", True) else None
-        bias = self.bias if getattr(self, "affine", True) else None
-        y = GlobalNormalize.apply(x, weight, bias, mean, invstd, view, stat_dims, count, dec)
+        mean, var, count = global_moments(x.reshape(view), dec)
+        y = GlobalNormalize.apply(x, weight, bias, mean, var, self.eps, view, count, dec)
         return y, mean, var, count
+
+    def _affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (self.weight, self.bias) if self.affine else (None, None)
 
     def _update(self, mean: torch.Tensor, var: torch.Tensor, count: int, factor: float) -> None:
         unbiased = var * (count / max(count - 1, 1))
         with torch.no_grad():
-            self.running_mean.mul_(1 - factor).add_(factor * mean.flatten())
-            self.running_var.mul_(1 - factor).add_(factor * unbiased.flatten())
+            self.running_mean.mul_(1 - factor).add_(factor * mean)
+            self.running_var.mul_(1 - factor).add_(factor * unbiased)
 
 
 class PartitionedBatchNorm(_PartitionedNorm):
@@ -449,8 +464,8 @@ class PartitionedBatchNorm(_PartitionedNorm):
             factor = (
                 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             )
-        stat_dims = (0, *range(2, x.dim()))
-        y, mean, var, count = self._normalize(x, tuple(x.shape), stat_dims)
+        view = (x.shape[0], x.shape[1], -1)
+        y, mean, var, count = self._normalize(x, view, *self._affine())
         if self.training and self.track_running_stats:
             self._update(mean, var, count, factor)
         return y
@@ -462,10 +477,14 @@ class PartitionedInstanceNorm(_PartitionedNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training or not self.track_running_stats):
             return super().forward(x)
-        y, mean, var, count = self._normalize(x, tuple(x.shape), tuple(range(2, x.dim())))
+        n, c = x.shape[:2]
+        weight, bias = self._affine()
+        if weight is not None:
+            weight, bias = weight.repeat(n), bias.repeat(n)
+        y, mean, var, count = self._normalize(x, (1, n * c, -1), weight, bias)
         if self.training and self.track_running_stats:
             factor = self.momentum if self.momentum is not None else 0.0
-            self._update(mean.mean(0), var.mean(0), count, factor)
+            self._update(mean.view(n, c).mean(0), var.view(n, c).mean(0), count, factor)
         return y
 
 
@@ -473,9 +492,11 @@ class PartitionedGroupNorm(_PartitionedNorm):
     """``nn.GroupNorm`` with per-sample, per-group statistics over the whole image."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.num_groups
-        view = (x.shape[0], g, x.shape[1] // g, *x.shape[2:])
-        return self._normalize(x, view, tuple(range(2, len(view))))[0]
+        y = self._normalize(x, (1, x.shape[0] * self.num_groups, -1), None, None)[0]
+        if not self.affine:
+            return y
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
 
 
 # ------------------------------------------------------------------------------------ crop

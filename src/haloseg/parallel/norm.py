@@ -1,17 +1,19 @@
 """Normalisation with statistics over the whole image: moments and the normalising Function.
 
-Statistics are combined across ranks from per-rank counts, means and centred sums of squares
-(Chan et al.), one all-gather per layer, so fp32 keeps the accuracy of a two-pass variance.
+Tensors are viewed as ``(B, R, L)`` with one statistic per row ``R`` (BatchNorm: ``(N, C, L)``;
+InstanceNorm: ``(1, N*C, L)``; GroupNorm: ``(1, N*G, L)``), which is the layout PyTorch's
+fused batch-norm kernels take. Per-rank counts, means and centred sums of squares are combined
+across ranks (Chan et al.) in one all-gather, so fp32 keeps the accuracy of a two-pass
+variance; the backward needs one all-reduce of two sums per statistic.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from haloseg.parallel.comm import timed
 from haloseg.parallel.decomposition import Decomposition
@@ -19,19 +21,18 @@ from haloseg.parallel.decomposition import Decomposition
 __all__ = ["GlobalNormalize", "global_moments"]
 
 
-def global_moments(
-    xv: torch.Tensor, stat_dims: Sequence[int], dec: Decomposition
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and biased variance over ``stat_dims`` of the whole distributed tensor, and count."""
-    n_local = math.prod(xv.shape[d] for d in stat_dims)
-    keep = [1 if d in stat_dims else s for d, s in enumerate(xv.shape)]
+def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and biased variance per row of ``xv (B, R, L)`` over the whole distributed
+    tensor, and the number of elements each statistic covers."""
+    rows = xv.shape[1]
+    n_local = xv.numel() // rows if rows else 0
     if n_local:
-        var, mean = torch.var_mean(xv.detach(), dim=tuple(stat_dims), unbiased=False, keepdim=True)
+        mean, var = torch.batch_norm_update_stats(xv.detach(), None, None, 0.0)
     else:
-        mean = var = xv.new_zeros(keep)
+        mean = var = xv.new_zeros(rows)
     if dec.size == 1:
         return mean, var, n_local
-    local = torch.stack([mean.new_full(keep, float(n_local)), mean, var * n_local])
+    local = torch.stack([mean.new_full((rows,), float(n_local)), mean, var * n_local])
     parts = [torch.empty_like(local) for _ in range(dec.size)]
     with timed("norm"):
         dist.all_gather(parts, local, group=dec.group)
@@ -39,16 +40,13 @@ def global_moments(
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total
     m2 = (m2s + counts * (means - mean) ** 2).sum(0)
-    return mean, m2 / total, int(total.flatten()[0].item())
+    return mean, m2 / total, int(total[0].item()) if rows else 0
 
 
 class GlobalNormalize(torch.autograd.Function):
-    """``y = (x - mean) * invstd * weight + bias`` with global ``mean``/``invstd``.
-
-    ``view`` reshapes ``x (N, C, *spatial)`` so that ``stat_dims`` are the reduced dims (for
-    GroupNorm: ``(N, G, C // G, *spatial)``). Backward needs two more global sums per
-    statistic, one all-reduce. Only ``x`` is saved, as plain PyTorch does.
-    """
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` per row of ``x.view(view)``, with
+    global ``mean``/``var``. Only ``x`` is saved, as plain PyTorch does; forward and backward
+    run PyTorch's fused batch-norm kernels and add the global correction terms."""
 
     @staticmethod
     def forward(
@@ -57,42 +55,43 @@ class GlobalNormalize(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         mean: torch.Tensor,
-        invstd: torch.Tensor,
+        var: torch.Tensor,
+        eps: float,
         view: tuple[int, ...],
-        stat_dims: tuple[int, ...],
         count: int,
         dec: Decomposition,
     ) -> torch.Tensor:
-        y = ((x.view(view) - mean) * invstd).view(x.shape)
-        if weight is not None:
-            y = y * _channel(weight, x) + _channel(bias, x)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.view, ctx.stat_dims, ctx.count, ctx.dec = view, stat_dims, count, dec
+        y = F.batch_norm(x.reshape(view), mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.view, ctx.count, ctx.dec = eps, view, count, dec
         ctx.has_bias = bias is not None
-        return y
+        # detach: an output that is a view of an intermediate may not be modified in place
+        # (inplace ReLU follows), a detached alias of the same storage may.
+        return y.view(x.shape).detach()
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        xhat = (x.view(ctx.view) - mean) * invstd
-        gw = gb = gx = None
-        channel_dims = (0, *range(2, x.dim()))
-        if weight is not None and ctx.needs_input_grad[1]:
-            gw = (g * xhat.view(x.shape)).sum(channel_dims)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(channel_dims)
+        x, weight, mean, var = ctx.saved_tensors
+        xv, gv = x.reshape(ctx.view), g.reshape(ctx.view)
+        w = weight if weight is not None else mean.new_ones(mean.shape)
+        # Eval-form backward: g * w * invstd, and the local sums of g * xhat and of g.
+        gi, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
+            gv, xv, w, mean, var, None, None, False, ctx.eps, [ctx.needs_input_grad[0], True, True]
+        )
+        gx = None
         if ctx.needs_input_grad[0]:
-            gy = (g * _channel(weight, x) if weight is not None else g).view(ctx.view)
-            sums = torch.stack(
-                [gy.sum(ctx.stat_dims, keepdim=True), (gy * xhat).sum(ctx.stat_dims, keepdim=True)]
-            )
+            sums = torch.stack([g_sum, g_xhat])
             if ctx.dec.size > 1:
                 with timed("norm"):
                     dist.all_reduce(sums, group=ctx.dec.group)
-            sums = sums / ctx.count
-            gx = (invstd * (gy - sums[0] - xhat * sums[1])).view(x.shape)
+            s1, s2 = sums / ctx.count
+            invstd = torch.rsqrt(var + ctx.eps)
+            # Training-form correction: - w * invstd * (mean(g) + xhat * mean(g * xhat)),
+            # with global means, written as a per-row affine function of x.
+            a = -w * invstd * invstd * s2
+            b = -w * invstd * s1 - a * mean
+            shape = (1, -1, *([1] * (xv.dim() - 2)))
+            gx = gi.addcmul_(xv, a.view(shape)).add_(b.view(shape)).view(x.shape)
+        gw = g_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        gb = g_sum if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None, None, None, None
-
-
-def _channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return p.view(1, -1, *([1] * (x.dim() - 2)))
