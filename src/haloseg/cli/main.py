@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; bad input prints one line and exits 2."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 180)
     try:
         args.run(args, console)
     except HalosegError as e:
