@@ -180,3 +180,34 @@ def data_space_worker(dtype: torch.dtype) -> dict[str, float]:
     loss = haloseg.global_sum((yl * w[rows][_box_slices(yl, dec)]).sum(), dec) / 2
     loss.backward()
     return {"param_grad": close(_flat_grads(model), _flat_grads(ref), dtype)}
+
+
+def losses_worker(grid: tuple[int, ...]) -> dict[str, float]:
+    """Block losses and metrics against their whole-image values (MONAI's for Dice)."""
+    import torch.nn.functional as F
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    shape = (20, 28) if len(grid) == 2 else (8, 12, 10)
+    logits = torch.randn(2, 3, *shape, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, *shape))
+    dec = haloseg.Decomposition(grid, bounds=_random_bounds(shape, grid, 1, random.Random(1)))
+    lr = logits.clone().requires_grad_()
+    ll = dec.scatter(logits).requires_grad_()
+    tl = dec.scatter(target[:, None])[:, 0]
+    errs = {}
+    dice = DiceLoss(softmax=True, to_onehot_y=True)
+    pairs = {
+        "cross_entropy": (lambda: F.cross_entropy(lr, target), haloseg.cross_entropy),
+        "soft_dice": (lambda: dice(lr, target[:, None]), haloseg.soft_dice_loss),
+    }
+    for name, (whole, block_loss) in pairs.items():
+        lr.grad = ll.grad = None
+        ref, got = whole(), block_loss(ll, tl, dec)
+        ref.backward()
+        got.backward()
+        errs[name] = abs(got.item() - ref.item()) / abs(ref.item())
+        errs[name + "_grad"] = close(dec.gather(ll.grad), lr.grad, torch.float64)
+    acc = (logits.argmax(1) == target).double().mean()
+    errs["accuracy"] = abs(haloseg.accuracy(ll.detach(), tl, dec).item() - acc.item())
+    return errs

@@ -196,3 +196,15 @@ def test_data_parallel_over_spatial_blocks(dtype: torch.dtype) -> None:
 
     for errs in run_distributed(data_space_worker, 4, dtype):
         assert errs["param_grad"] <= tolerance(dtype), errs
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (1, 2, 2)], ids=lambda g: "x".join(map(str, g)))
+def test_block_losses_equal_whole_image(grid: tuple[int, ...]) -> None:
+    pytest.importorskip("monai")
+    from _equivalence import losses_worker
+
+    for errs in run_distributed(losses_worker, 4, grid):
+        assert max(errs.values()) <= 1e-10, errs
+        assert set(errs) == {
+            "cross_entropy", "cross_entropy_grad", "soft_dice", "soft_dice_grad", "accuracy"
+        }  # fmt: skip

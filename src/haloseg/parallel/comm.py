@@ -27,8 +27,10 @@ __all__ = [
     "assemble_adjoint",
     "comm_times",
     "exchange",
+    "gather_small",
     "reset_comm_times",
     "return_halo_grads",
+    "sum_small",
     "timed",
 ]
 
@@ -88,6 +90,46 @@ def _p2p(
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+
+
+_DIRECT_LIMIT = 16
+"""Largest group whose small collectives go as direct messages to every peer."""
+
+
+def gather_small(
+    t: torch.Tensor, rank: int, peers: Sequence[int], group: dist.ProcessGroup | None
+) -> list[torch.Tensor]:
+    """Every rank's ``t`` (small: statistics, sizes), in rank order, on every rank.
+
+    Up to ``_DIRECT_LIMIT`` ranks on gloo, every rank messages every other directly: one hop,
+    where gloo's ring collectives wait for their peers one after another, which costs a
+    scheduler time slice per hop when ranks share cores.
+    """
+    if len(peers) > _DIRECT_LIMIT or dist.get_backend(group) != "gloo":
+        parts = [torch.empty_like(t) for _ in peers]
+        dist.all_gather(parts, t, group=group)
+        return parts
+    t = t.contiguous()
+    parts = [t if r == rank else torch.empty_like(t) for r in range(len(peers))]
+    others = [r for r in range(len(peers)) if r != rank]
+    _p2p([(r, t, _SMALL_TAG) for r in others], [(r, parts[r], _SMALL_TAG) for r in others],
+         peers, group)  # fmt: skip
+    return parts
+
+
+def sum_small(
+    t: torch.Tensor, rank: int, peers: Sequence[int], group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """Sum of a small tensor over the group; the same bits on every rank (rank order)."""
+    if len(peers) > _DIRECT_LIMIT or dist.get_backend(group) != "gloo":
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+    return torch.stack(gather_small(t, rank, peers, group)).sum(0)
+
+
+_SMALL_TAG = 1 << 20
+"""Tag of the small direct messages, apart from the halo pieces' tags (0, 1, ...)."""
 
 
 def _tagged(pieces: Sequence[Any], rank: int) -> list[tuple[int, Any, int]]:

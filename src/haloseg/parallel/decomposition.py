@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from haloseg.errors import DecompositionError
 from haloseg.geometry import Box, boxes_from_bounds, grid_coords, grid_rank, split_extent
-from haloseg.parallel.comm import timed
+from haloseg.parallel.comm import gather_small, timed
 
 __all__ = ["Decomposition"]
 
@@ -111,10 +111,11 @@ class Decomposition:
         """
         if self.size == 1:
             return [[0, int(n)] for n in local_shape]
-        sizes = torch.tensor([list(local_shape)], dtype=torch.int64)
-        gathered = [torch.empty_like(sizes) for _ in range(self.size)]
+        # NCCL moves only GPU tensors; gloo takes CPU tensors.
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        sizes = torch.tensor([list(local_shape)], dtype=torch.int64, device=device)
         with timed("shapes"):
-            dist.all_gather(gathered, sizes, group=self.group)
+            gathered = gather_small(sizes, self.rank, self.peers, self.group)
         table = torch.cat(gathered).tolist()
         bounds = []
         for d, g in enumerate(self.grid):

@@ -67,6 +67,10 @@ class Layout:
     rules: list[AxisRule]
 
 
+_CACHE_LIMIT = 64
+"""Plans kept per layer (one per image layout and call within a forward)."""
+
+
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
@@ -106,6 +110,8 @@ class Partitioned:
         periodic = periodic if periodic is not None else [False] * len(rules)
         layout = self._plan(in_bounds, rules, periodic)
         if dec.forward_key is not None:
+            if len(ctx.cache) >= _CACHE_LIMIT:  # many image sizes: start afresh
+                ctx.cache.clear()
             ctx.cache[key] = layout
         return layout
 
@@ -113,7 +119,10 @@ class Partitioned:
         self, in_bounds: list[list[int]], rules: list[AxisRule], periodic: list[bool]
     ) -> Layout:
         dec = self._hs.dec
-        outs = [out_bounds(b, r) for b, r in zip(in_bounds, rules, strict=True)]
+        try:
+            outs = [out_bounds(b, r) for b, r in zip(in_bounds, rules, strict=True)]
+        except DecompositionError as e:
+            raise self._error(str(e)) from None
         for d, b in enumerate(outs):
             thin = [i for i in range(len(b) - 1) if b[i + 1] <= b[i]]
             if thin and b[-1] > 0:
@@ -393,11 +402,11 @@ class PartitionedUpsample(Partitioned):
         out = self._halo(x, layout.plan, 0.0)
         for i, ((a, b), table) in enumerate(zip(layout.out_box, layout.rules, strict=True)):
             lo0 = layout.plan.window[i][0]
-            i0 = torch.tensor(table.lo[a:b], dtype=torch.long) - lo0
+            i0 = torch.tensor(table.lo[a:b], dtype=torch.long, device=x.device) - lo0
             picked = out.index_select(2 + i, i0)
             if table.weight is not None:
-                i1 = torch.tensor(table.hi[a:b], dtype=torch.long) - 1 - lo0
-                lam = table.weight[a:b].to(x.dtype).view(-1, *([1] * (n - 1 - i)))
+                i1 = torch.tensor(table.hi[a:b], dtype=torch.long, device=x.device) - 1 - lo0
+                lam = table.weight[a:b].to(x).view(-1, *([1] * (n - 1 - i)))
                 picked = picked * (1 - lam) + out.index_select(2 + i, i1) * lam
             out = picked
         return out

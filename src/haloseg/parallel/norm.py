@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import timed
+from haloseg.parallel.comm import gather_small, sum_small, timed
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["GlobalNormalize", "global_moments"]
@@ -33,9 +32,8 @@ def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, 
     if dec.size == 1:
         return mean, var, n_local
     local = torch.stack([mean.new_full((rows,), float(n_local)), mean, var * n_local])
-    parts = [torch.empty_like(local) for _ in range(dec.size)]
     with timed("norm"):
-        dist.all_gather(parts, local, group=dec.group)
+        parts = gather_small(local, dec.rank, dec.peers, dec.group)
     counts, means, m2s = torch.stack(parts).unbind(1)
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total
@@ -83,7 +81,7 @@ class GlobalNormalize(torch.autograd.Function):
             sums = torch.stack([g_sum, g_xhat])
             if ctx.dec.size > 1:
                 with timed("norm"):
-                    dist.all_reduce(sums, group=ctx.dec.group)
+                    sums = sum_small(sums, ctx.dec.rank, ctx.dec.peers, ctx.dec.group)
             s1, s2 = sums / ctx.count
             invstd = torch.rsqrt(var + ctx.eps)
             # Training-form correction: - w * invstd * (mean(g) + xhat * mean(g * xhat)),

@@ -67,8 +67,8 @@ class _GlobalMax(torch.autograd.Function):
         bounds = dec.bounds_of(x.shape[2:])
         strides, box = _global_strides(bounds), dec_box(bounds, dec)
         coords = torch.stack(torch.unravel_index(local_arg, x.shape[2:]), -1)
-        origin = torch.tensor([lo for lo, _ in box])
-        index = ((coords + origin) * torch.tensor(strides)).sum(-1)
+        origin = torch.tensor([lo for lo, _ in box], device=x.device)
+        index = ((coords + origin) * torch.tensor(strides, device=x.device)).sum(-1)
         big = torch.iinfo(torch.int64).max
         index = torch.where(local_max == best, index, torch.full_like(index, big))
         winner = index.clone()
@@ -142,7 +142,5 @@ def soft_dice_loss(
 def accuracy(logits: torch.Tensor, target: torch.Tensor, dec: Decomposition) -> torch.Tensor:
     """Share of pixels of the whole image whose arg-max class equals ``target``."""
     hits = (logits.argmax(1) == target).sum().to(torch.float64)
-    both = global_sum(
-        torch.stack([hits, torch.tensor(float(target.numel()), dtype=torch.float64)]), dec
-    )
+    both = global_sum(torch.stack([hits, hits.new_tensor(float(target.numel()))]), dec)
     return both[0] / both[1]
