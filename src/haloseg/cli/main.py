@@ -52,13 +52,14 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
     results = run_spatial_benchmark(args.scenario, args.ranks, args.steps, args.allocator)
     rows = report(results)
     table = Table(title="spatial decomposition: forward+backward step, worst rank, medians")
-    for col in ("scenario", "mode", "ranks", "allocator", "step s", "time/plain",
+    for col in ("scenario", "mode", "ranks", "allocator", "step s", "cpu s", "time/plain",
                 "peak MiB", "mem/(plain/P)", "comm share", "comm by kind (s)"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in r["comm_s"].items() if v > 0)
         table.add_row(
             r["scenario"], r["mode"], str(r["ranks"]), r["allocator"], f"{r['step_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
             f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}", kinds,
         )  # fmt: skip
