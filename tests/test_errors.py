@@ -29,6 +29,12 @@ def test_image_not_aligned_names_nearest_sizes() -> None:
         net(torch.randn(1, 1, 30, 32))
 
 
+def test_converting_twice_is_refused() -> None:
+    net = haloseg.spatial_parallel(small_unet(), haloseg.Decomposition((1, 1)))
+    with pytest.raises(haloseg.ConfigError, match="already converted"):
+        haloseg.spatial_parallel(net, haloseg.Decomposition((1, 1)))
+
+
 def test_unsupported_layer_is_named() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(UnsupportedLayerError, match=r"layer '1\.0': Linear is not a layer"):

@@ -29,7 +29,7 @@ from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
 from haloseg.parallel.comm import comm_times, reset_comm_times
 from haloseg.parallel.spawn import run_distributed
 
-__all__ = ["SCENARIOS", "Result", "run_spatial_benchmark"]
+__all__ = ["SCENARIOS", "Result", "markdown", "report", "run_spatial_benchmark", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,24 @@ def report(results: list[Result]) -> list[dict[str, Any]]:
             "comm_share": comm / r.step_s,
         })  # fmt: skip
     return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (the format of docs/benchmarks.md)."""
+    kinds = sorted({k for r in rows for k in r["comm_s"]})
+    head = ["mode", "allocator", "step s", "cpu s", "time/plain", "peak MiB",
+            "mem/(plain/P)", "comm share", *(f"{k} s" for k in kinds)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        plain = r["mode"] == "plain PyTorch"
+        cells = [
+            r["mode"], r["allocator"], f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}",
+            f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
+            f"{r['memory_vs_plain_over_P']:.2f}", "—" if plain else f"{r['comm_share']:.1%}",
+            *("—" if plain else f"{r['comm_s'].get(k, 0.0):.3f}" for k in kinds),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:

@@ -42,7 +42,13 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
 
 
 def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
-    from haloseg.bench.spatial import SCENARIOS, report, run_spatial_benchmark, write_json
+    from haloseg.bench.spatial import (
+        SCENARIOS,
+        markdown,
+        report,
+        run_spatial_benchmark,
+        write_json,
+    )
 
     unknown = [s for s in args.scenario if s not in SCENARIOS]
     if unknown:
@@ -64,6 +70,8 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
             f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}", kinds,
         )  # fmt: skip
     console.print(table)
+    if args.markdown:
+        console.print(markdown(rows), markup=False, highlight=False, soft_wrap=True)
     if args.json:
         write_json(rows, Path(args.json), "haloseg " + shlex.join(sys.argv[1:]))
         console.print(f"wrote {args.json}")
@@ -96,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     spatial.add_argument("--allocator", nargs="+", default=["default", "neutral"],
                          choices=["default", "neutral"])  # fmt: skip
     spatial.add_argument("--json", help="write the rows and the machine to this JSON file")
+    spatial.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     spatial.set_defaults(run=_bench_spatial)
     return parser
 

@@ -1,5 +1,6 @@
 """Pure geometry of spatial decomposition: blocks, per-layer windows, halo plans."""
 
+from haloseg.geometry.bands import boundary_bands
 from haloseg.geometry.blocks import (
     Box,
     Range,
@@ -32,6 +33,7 @@ __all__ = [
     "Range",
     "TransposedConvAxis",
     "block_boxes",
+    "boundary_bands",
     "box_volume",
     "boxes_from_bounds",
     "grid_coords",

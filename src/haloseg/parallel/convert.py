@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from haloseg.errors import DecompositionError, UnsupportedLayerError
+from haloseg.errors import ConfigError, DecompositionError, UnsupportedLayerError
 from haloseg.geometry import nearest_multiples
 from haloseg.models.unet import Crop
 from haloseg.parallel.comm import timed
@@ -395,6 +395,13 @@ def spatial_parallel(
     naming the layer path for anything that cannot be partitioned exactly.
     """
     dec = decomposition
+    if isinstance(model, SpatialParallelRoot) or any(
+        isinstance(m, Partitioned) for m in model.modules()
+    ):
+        raise ConfigError(
+            f"{type(model).__name__} is already converted by spatial_parallel; convert an "
+            "unconverted copy (copy.deepcopy before the first conversion) for another grid"
+        )
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     for name, m in leaves:
         reason = _refusal(m)

@@ -26,12 +26,14 @@ from haloseg.geometry import (
     HaloPlan,
     IndexAxis,
     TransposedConvAxis,
+    boundary_bands,
     boxes_from_bounds,
     out_bounds,
     plan_exchange,
     same_padding,
     trim_padding,
 )
+from haloseg.parallel.banded import BandedConv, BandedSpec
 from haloseg.parallel.comm import (
     HaloExchange,
     Padding,
@@ -280,6 +282,9 @@ class PartitionedConv(Partitioned):
         periodic = [circular and pads[i] != (0, 0) for i in range(n)]
         fill: Padding = 0.0 if self.padding_mode in ("zeros", "circular") else self.padding_mode
         layout = self._layout(x, rules, periodic)
+        banded = self._banded(layout, pads, s, d, fill)
+        if banded is not None:
+            return BandedConv.apply(x, self.weight, self.bias, banded)
         plan, conv_padding = layout.plan, (0,) * n
         if fill == 0.0:
             # Zeros the convolution can add itself need not be copied into the window.
@@ -288,6 +293,33 @@ class PartitionedConv(Partitioned):
         spec = _ConvSpec(plan, fill, s, d, self.groups, False, None, conv_padding, (),
                          self._hs.dec)  # fmt: skip
         return _HaloConv.apply(x, self.weight, self.bias, spec)
+
+    def _banded(
+        self,
+        layout: Layout,
+        pads: list[tuple[int, int]],
+        stride: tuple[int, ...],
+        dilation: tuple[int, ...],
+        fill: Padding,
+    ) -> BandedSpec | None:
+        """The banded form of this layer, when it applies: stride 1, symmetric zero
+        padding, output blocks equal to input blocks, blocks at least two bands thick."""
+        plan = layout.plan
+        if fill != 0.0 or any(s != 1 for s in stride) or any(lo != hi for lo, hi in pads):
+            return None
+        if self.padding_mode != "zeros" or layout.out_box != plan.local_box:
+            return None
+        sizes = [b[-1] for b in layout.in_bounds]
+        widths = [lo for lo, _ in pads]
+        bands = boundary_bands(layout.out_box, sizes, widths)
+        if bands is None:
+            return None
+        windows = tuple(
+            tuple(r.in_window(a, b) for r, (a, b) in zip(layout.rules, band, strict=True))
+            for band in bands
+        )
+        return BandedSpec(plan, tuple(widths), dilation, self.groups, tuple(bands), windows,
+                          self._hs.dec)  # fmt: skip
 
 
 class PartitionedConvTranspose(Partitioned):
