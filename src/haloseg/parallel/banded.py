@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from haloseg.geometry import Box, HaloPlan, intersect
-from haloseg.parallel.comm import exchange, return_halo_grads
+from haloseg.parallel.comm import add_incoming, start_exchange, start_halo_grads, wait_all
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["BandedConv", "BandedSpec"]
@@ -93,8 +93,10 @@ class BandedConv(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         spec: BandedSpec,
     ) -> torch.Tensor:  # fmt: skip
-        received = exchange(x, spec.plan, spec.dec.peers, spec.dec.group)
+        # The block's own convolution needs no halo: it runs while the halo travels.
+        received, requests = start_exchange(x, spec.plan, spec.dec.peers, spec.dec.group)
         out = _conv(x, weight, bias, spec, spec.padding)
+        wait_all(requests)
         origin = spec.plan.local_box
         for band, window in zip(spec.bands, spec.windows, strict=True):
             slab = _slab(x, received, spec, window, with_block=True)
@@ -115,11 +117,9 @@ class BandedConv(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         grad = grad.contiguous()
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, [1] * n, spec.padding, spec.dilation, False, [0] * n,
-            spec.groups, [need_x, need_w, need_b],
-        )  # fmt: skip
+        # Bands first: their halo gradients travel while the block's own backward runs.
         grad_pieces = [None if r is None else torch.zeros_like(r) for r in received]
+        band_gw = []
         origin = spec.plan.local_box
         for band, window in zip(spec.bands, spec.windows, strict=True):
             g_band = grad[_slices(_local(band, origin))].contiguous()
@@ -128,12 +128,24 @@ class BandedConv(torch.autograd.Function):
                 g_band, halo_only, weight, None, [1] * n, [0] * n, spec.dilation, False,
                 [0] * n, spec.groups, [need_x, need_w, False],
             )  # fmt: skip
-            if need_w:
-                gw += g_w
+            band_gw.append(g_w)
             if need_x:
                 for i, part, dest in _pieces(spec, window):
                     if grad_pieces[i] is not None:
                         grad_pieces[i][_slices(part)] += g_slab[_slices(dest)]
+        incoming, requests = [], []
         if need_x:
-            gx = return_halo_grads(gx, grad_pieces, spec.plan, spec.dec.peers, spec.dec.group)
+            incoming, requests = start_halo_grads(
+                x, grad_pieces, spec.plan, spec.dec.peers, spec.dec.group
+            )
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, [1] * n, spec.padding, spec.dilation, False, [0] * n,
+            spec.groups, [need_x, need_w, need_b],
+        )  # fmt: skip
+        if need_w:
+            for g_w in band_gw:
+                gw += g_w
+        wait_all(requests)
+        if need_x:
+            add_incoming(gx, incoming)
         return gx, gw, gb if ctx.has_bias else None, None

@@ -24,14 +24,18 @@ __all__ = [
     "HaloExchange",
     "Padding",
     "assemble",
+    "add_incoming",
     "assemble_adjoint",
     "comm_times",
     "exchange",
     "gather_small",
     "reset_comm_times",
+    "start_exchange",
+    "start_halo_grads",
     "return_halo_grads",
     "sum_small",
     "timed",
+    "wait_all",
 ]
 
 Padding = float | str
@@ -67,6 +71,34 @@ def _shape(x: torch.Tensor, box: Box) -> tuple[int, ...]:
     return (x.shape[0], x.shape[1], *(hi - lo for lo, hi in box))
 
 
+def _post(
+    sends: Sequence[tuple[int, torch.Tensor, int]],
+    recvs: Sequence[tuple[int, torch.Tensor, int]],
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> list[Any]:
+    """Post all sends and receives (peer, tensor, tag) at once; return their requests."""
+    if not sends and not recvs:
+        return []
+    if dist.get_backend(group) == "gloo":
+        # gloo: independent non-blocking messages (batching needs every rank of the group
+        # to take part in the first batch, and a rank with nothing to exchange does not).
+        works = [dist.isend(t, peers[p], group, tag) for p, t, tag in sends]
+        return works + [dist.irecv(t, peers[p], group, tag) for p, t, tag in recvs]
+    # NCCL: one group call, so that paired sends and receives cannot deadlock.
+    ops = [dist.P2POp(dist.isend, t, peers[p], group, tag) for p, t, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peers[p], group, tag) for p, t, tag in recvs]
+    return list(dist.batch_isend_irecv(ops))
+
+
+def wait_all(requests: Sequence[Any], kind: str = "halo") -> None:
+    """Wait for posted messages, counting the wait as communication of ``kind``."""
+    if requests:
+        with timed(kind):
+            for req in requests:
+                req.wait()
+
+
 def _p2p(
     sends: Sequence[tuple[int, torch.Tensor, int]],
     recvs: Sequence[tuple[int, torch.Tensor, int]],
@@ -74,22 +106,8 @@ def _p2p(
     group: dist.ProcessGroup | None,
 ) -> None:
     """Post all sends and receives (peer, tensor, tag) at once, then wait for them."""
-    if not sends and not recvs:
-        return
-    if dist.get_backend(group) == "gloo":
-        # gloo: independent non-blocking messages (batching needs every rank of the group
-        # to take part in the first batch, and a rank with nothing to exchange does not).
-        works = [dist.isend(t, peers[p], group, tag) for p, t, tag in sends]
-        works += [dist.irecv(t, peers[p], group, tag) for p, t, tag in recvs]
-        for work in works:
-            work.wait()
-        return
-    # NCCL: one group call, so that paired sends and receives cannot deadlock.
-    ops = [dist.P2POp(dist.isend, t, peers[p], group, tag) for p, t, tag in sends]
-    ops += [dist.P2POp(dist.irecv, t, peers[p], group, tag) for p, t, tag in recvs]
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    for req in _post(sends, recvs, peers, group):
+        req.wait()
 
 
 _DIRECT_LIMIT = 16
@@ -144,13 +162,14 @@ def _tagged(pieces: Sequence[Any], rank: int) -> list[tuple[int, Any, int]]:
     return out
 
 
-def exchange(
+def start_exchange(
     x: torch.Tensor,
     plan: HaloPlan,
     peers: Sequence[int],
     group: dist.ProcessGroup | None,
-) -> list[torch.Tensor | None]:
-    """Receive this rank's halo pieces (``None`` where the piece is its own data).
+) -> tuple[list[torch.Tensor | None], list[Any]]:
+    """Post this rank's halo messages; return the receive buffers (``None`` where the piece
+    is its own data) and the requests to wait for before reading them.
 
     ``peers`` maps group ranks to global ranks. Only halo cells are copied: a send is the
     contiguous copy of a thin slab of ``x``, never the whole block.
@@ -163,8 +182,47 @@ def exchange(
         received[i] = x.new_empty(_shape(x, piece.buffer))
         recvs.append((piece.peer, received[i], tag))
     with timed("halo"):
-        _p2p(sends, recvs, peers, group)
+        requests = _post(sends, recvs, peers, group)
+    return received, requests
+
+
+def exchange(
+    x: torch.Tensor,
+    plan: HaloPlan,
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor | None]:
+    """This rank's halo pieces, received (``start_exchange`` and wait)."""
+    received, requests = start_exchange(x, plan, peers, group)
+    wait_all(requests)
     return received
+
+
+def start_halo_grads(
+    like: torch.Tensor,
+    grad_pieces: Sequence[torch.Tensor | None],
+    plan: HaloPlan,
+    peers: Sequence[int],
+    group: dist.ProcessGroup | None,
+) -> tuple[list[tuple[Box, torch.Tensor]], list[Any]]:
+    """Post the adjoint of ``exchange``: halo gradients go to their owners. Returns the
+    incoming (box of this block, gradient) pairs to add once the requests are done."""
+    sends, recvs = [], []
+    for i, piece, tag in _tagged(plan.recv, plan.rank):
+        sends.append((piece.peer, grad_pieces[i].contiguous(), tag))
+    incoming = []
+    for _, piece, tag in _tagged(plan.send, plan.rank):
+        buf = like.new_empty(_shape(like, piece.source))
+        incoming.append((piece.source, buf))
+        recvs.append((piece.peer, buf, tag))
+    with timed("halo"):
+        requests = _post(sends, recvs, peers, group)
+    return incoming, requests
+
+
+def add_incoming(grad_x: torch.Tensor, incoming: Sequence[tuple[Box, torch.Tensor]]) -> None:
+    for box, buf in incoming:
+        grad_x[_slices(box)] += buf
 
 
 def return_halo_grads(
@@ -175,18 +233,9 @@ def return_halo_grads(
     group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
     """Adjoint of ``exchange``: send halo gradients to their owners, add what comes back."""
-    sends, recvs = [], []
-    for i, piece, tag in _tagged(plan.recv, plan.rank):
-        sends.append((piece.peer, grad_pieces[i].contiguous(), tag))
-    incoming = []
-    for _, piece, tag in _tagged(plan.send, plan.rank):
-        buf = grad_x.new_empty(_shape(grad_x, piece.source))
-        incoming.append((piece.source, buf))
-        recvs.append((piece.peer, buf, tag))
-    with timed("halo"):
-        _p2p(sends, recvs, peers, group)
-    for box, buf in incoming:
-        grad_x[_slices(box)] += buf
+    incoming, requests = start_halo_grads(grad_x, grad_pieces, plan, peers, group)
+    wait_all(requests)
+    add_incoming(grad_x, incoming)
     return grad_x
 
 
