@@ -901,3 +901,26 @@ def test_plan_exchange_identity_and_view():
     # widening into a neighbour is neither
     _, plans = _plans(shape, grid, [_widen(b, 1) for b in boxes], (False, False))
     assert not any(p.is_view or p.is_identity for p in plans)
+
+
+def test_boundary_bands_cover_the_neighbour_sides_once():
+    from haloseg.geometry import boundary_bands
+
+    sizes = (12, 20)
+    box = ((4, 10), (0, 8))  # neighbours above, below and to the right; image border left
+    bands = boundary_bands(box, sizes, (1, 2))
+    cells = {}
+    for band in bands:
+        for i in range(*band[0]):
+            for j in range(*band[1]):
+                cells[(i, j)] = cells.get((i, j), 0) + 1
+    assert set(cells.values()) == {1}  # disjoint, corners counted once
+    expected = {
+        (i, j)
+        for i in range(4, 10)
+        for j in range(0, 8)
+        if i in (4, 9) or j in (6, 7)  # one row each side in dim 0, two columns right in dim 1
+    }
+    assert set(cells) == expected
+    assert boundary_bands(((0, 12), (0, 20)), sizes, (1, 1)) == []  # no neighbours
+    assert boundary_bands(((4, 6), (0, 8)), sizes, (2, 0)) is None  # thinner than two bands
