@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from haloseg.models import unet_preset
 from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
-from haloseg.parallel.comm import comm_times, reset_comm_times
+from haloseg.parallel.comm import comm_cpu_times, comm_times, reset_comm_times
 from haloseg.parallel.spawn import run_distributed
 
 __all__ = ["SCENARIOS", "Result", "markdown", "report", "run_spatial_benchmark", "write_json"]
@@ -53,6 +53,8 @@ class Result:
     """CPU time of the worst rank's process during the step (all its threads)."""
     peak_mib: float
     comm_s: dict[str, float] = field(default_factory=dict)
+    comm_cpu_s: float = 0.0
+    """CPU time of the worst rank's process inside communication calls."""
 
 
 def _rss_kib(field_name: str) -> int:
@@ -79,7 +81,7 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         local = tuple(b - a for a, b in dec.box(shape))
     x = torch.randn(1, 1, *local)
     target = torch.randint(0, 2, (1, *local))
-    times, cpus, peaks, comms = [], [], [], []
+    times, cpus, peaks, comms, comm_cpus = [], [], [], [], []
     for step in range(steps + 1):
         if grid is not None:
             dist.barrier()
@@ -99,12 +101,14 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
             cpus.append(cpu)
             peaks.append(peak / 1024)
             comms.append(comm_times())
+            comm_cpus.append(sum(comm_cpu_times().values()))
     kinds = sorted({k for c in comms for k in c})
     return {
         "step_s": statistics.median(times),
         "cpu_s": statistics.median(cpus),
         "peak_mib": max(peaks),
         "comm_s": {k: statistics.median(c.get(k, 0.0) for c in comms) for k in kinds},
+        "comm_cpu_s": statistics.median(comm_cpus),
     }
 
 
@@ -120,7 +124,8 @@ def _config(scenario: str, ranks: int | None, steps: int, allocator: str) -> Res
     worst = max(out, key=lambda r: r["step_s"])
     comm = {k: max(r["comm_s"].get(k, 0.0) for r in out) for k in worst["comm_s"]}
     return Result(scenario, mode, n, allocator, worst["step_s"], worst["cpu_s"],
-                  max(r["peak_mib"] for r in out), comm)  # fmt: skip
+                  max(r["peak_mib"] for r in out), comm,
+                  max(r["comm_cpu_s"] for r in out))  # fmt: skip
 
 
 def run_spatial_benchmark(
@@ -151,6 +156,7 @@ def report(results: list[Result]) -> list[dict[str, Any]]:
             "time_vs_plain": r.step_s / plain.step_s,
             "memory_vs_plain_over_P": r.peak_mib / (plain.peak_mib / r.ranks),
             "comm_share": comm / r.step_s,
+            "comm_cpu_share": r.comm_cpu_s / r.step_s,
         })  # fmt: skip
     return rows
 
@@ -159,7 +165,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (the format of docs/benchmarks.md)."""
     kinds = sorted({k for r in rows for k in r["comm_s"]})
     head = ["mode", "allocator", "step s", "cpu s", "time/plain", "peak MiB",
-            "mem/(plain/P)", "comm share", *(f"{k} s" for k in kinds)]  # fmt: skip
+            "mem/(plain/P)", "comm share", "comm cpu share",
+            *(f"{k} s" for k in kinds)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         plain = r["mode"] == "plain PyTorch"
@@ -167,6 +174,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             r["mode"], r["allocator"], f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}",
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
             f"{r['memory_vs_plain_over_P']:.2f}", "—" if plain else f"{r['comm_share']:.1%}",
+            "—" if plain else f"{r['comm_cpu_share']:.1%}",
             *("—" if plain else f"{r['comm_s'].get(k, 0.0):.3f}" for k in kinds),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -26,6 +26,7 @@ __all__ = [
     "assemble",
     "add_incoming",
     "assemble_adjoint",
+    "comm_cpu_times",
     "comm_times",
     "exchange",
     "gather_small",
@@ -42,25 +43,35 @@ Padding = float | str
 """Out-of-image fill: a constant (0.0, -inf) or an ``F.pad`` mode ('reflect', 'replicate')."""
 
 _TIMES: dict[str, float] = defaultdict(float)
+_CPU: dict[str, float] = defaultdict(float)
 
 
 @contextmanager
 def timed(kind: str) -> Iterator[None]:
-    """Add the wall time of the block to the communication time of ``kind``."""
-    start = time.perf_counter()
+    """Add the wall time (and the process CPU time) of the block to communication ``kind``."""
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         _TIMES[kind] += time.perf_counter() - start
+        _CPU[kind] += time.process_time() - cpu
 
 
 def comm_times() -> dict[str, float]:
-    """Seconds spent in each kind of communication since the last reset."""
+    """Wall seconds spent in each kind of communication since the last reset (waiting for
+    peers included)."""
     return dict(_TIMES)
+
+
+def comm_cpu_times() -> dict[str, float]:
+    """Process CPU seconds spent in each kind of communication since the last reset (the
+    cost of the messages themselves: copies, system calls, gloo's threads)."""
+    return dict(_CPU)
 
 
 def reset_comm_times() -> None:
     _TIMES.clear()
+    _CPU.clear()
 
 
 def _slices(box: Box) -> tuple[slice, ...]:
