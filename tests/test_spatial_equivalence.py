@@ -88,18 +88,37 @@ def test_unet_3d(grid: tuple[int, ...]) -> None:
     run(cases, 4)
 
 
-def basic_unet() -> nn.Module:
-    from monai.networks.nets import BasicUNet
+def monai_net(name: str) -> nn.Module:
+    from monai.networks import nets
 
-    return BasicUNet(spatial_dims=2, in_channels=2, out_channels=3, features=(4, 4, 8, 8, 16, 4))
+    two_d = {"spatial_dims": 2, "in_channels": 2, "out_channels": 3}
+    builders = {
+        "BasicUNet": lambda: nets.BasicUNet(**two_d, features=(4, 4, 8, 8, 16, 4)),
+        "UNet": lambda: nets.UNet(**two_d, channels=(4, 8, 16), strides=(2, 2), num_res_units=2),
+        "SegResNet": lambda: nets.SegResNet(
+            **two_d, init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1)
+        ),
+        "DynUNet": lambda: nets.DynUNet(
+            **two_d,
+            kernel_size=[3, 3, 3],
+            strides=[1, 2, 2],
+            upsample_kernel_size=[2, 2],
+            filters=[4, 8, 16],
+        ),  # fmt: skip
+        "AttentionUnet": lambda: nets.AttentionUnet(**two_d, channels=(4, 8, 16), strides=(2, 2)),
+    }
+    return builders[name]()
 
 
-def test_monai_basic_unet() -> None:
+@pytest.mark.parametrize("name", ["BasicUNet", "UNet", "SegResNet", "DynUNet", "AttentionUnet"])
+def test_monai_networks(name: str) -> None:
     pytest.importorskip("monai")
+    shape = (48, 32) if name == "BasicUNet" else (24, 36)
     cases = [
-        Case(f"monai-basicunet-{dtype}", basic_unet, (48, 32), (2, 2), dtype=dtype)
+        Case(f"monai-{name}-{dtype}", functools.partial(monai_net, name), shape, (2, 2),
+             dtype=dtype)
         for dtype in (torch.float64, torch.float32)
-    ]
+    ]  # fmt: skip
     run(cases, 4)
 
 
