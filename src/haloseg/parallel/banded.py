@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from haloseg.geometry import Box, HaloPlan, intersect
-from haloseg.parallel.comm import add_incoming, start_exchange, start_halo_grads, wait_all
+from haloseg.parallel.comm import (
+    add_incoming,
+    save_halos,
+    saved_halos,
+    start_exchange,
+    start_halo_grads,
+    wait_all,
+)
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["BandedConv", "BandedSpec"]
@@ -102,16 +109,13 @@ class BandedConv(torch.autograd.Function):
             slab = _slab(x, received, spec, window, with_block=True)
             out[_slices(_local(band, origin))] = _conv(slab, weight, bias, spec, (0,) * len(band))
         ctx.spec, ctx.has_bias = spec, bias is not None
-        ctx.own = [r is None for r in received]
-        ctx.save_for_backward(x, weight, *(r for r in received if r is not None))
+        save_halos(ctx, x, weight, received)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec = ctx.spec
-        x, weight, *halos = ctx.saved_tensors
-        it = iter(halos)
-        received = [None if own else next(it) for own in ctx.own]
+        x, weight, received = saved_halos(ctx)
         n = len(spec.padding)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]

@@ -34,6 +34,8 @@ __all__ = [
     "start_exchange",
     "start_halo_grads",
     "return_halo_grads",
+    "save_halos",
+    "saved_halos",
     "sum_small",
     "timed",
     "wait_all",
@@ -248,6 +250,21 @@ def return_halo_grads(
     wait_all(requests)
     add_incoming(grad_x, incoming)
     return grad_x
+
+
+def save_halos(
+    ctx: Any, x: torch.Tensor, weight: torch.Tensor, received: Sequence[torch.Tensor | None]
+) -> None:
+    """Save the block, the weight and the received halo slabs (not a haloed window)."""
+    ctx.own = [r is None for r in received]
+    ctx.save_for_backward(x, weight, *(r for r in received if r is not None))
+
+
+def saved_halos(ctx: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """What ``save_halos`` saved: block, weight, and the pieces (``None`` where own)."""
+    x, weight, *halos = ctx.saved_tensors
+    it = iter(halos)
+    return x, weight, [None if own else next(it) for own in ctx.own]
 
 
 def _core(plan: HaloPlan) -> Box:

@@ -41,6 +41,8 @@ from haloseg.parallel.comm import (
     assemble_adjoint,
     exchange,
     return_halo_grads,
+    save_halos,
+    saved_halos,
 )
 from haloseg.parallel.decomposition import Decomposition
 from haloseg.parallel.norm import GlobalNormalize, global_moments
@@ -193,16 +195,13 @@ class _HaloConv(torch.autograd.Function):
         ctx.spec, ctx.has_bias, ctx.full_shape = spec, bias is not None, out.shape
         if spec.crop is not None:
             out = _crop(out, spec)
-        ctx.own = [r is None for r in received]
-        ctx.save_for_backward(x, weight, *(r for r in received if r is not None))
+        save_halos(ctx, x, weight, received)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec = ctx.spec
-        x, weight, *halos = ctx.saved_tensors
-        it = iter(halos)
-        received = [None if own else next(it) for own in ctx.own]
+        x, weight, received = saved_halos(ctx)
         window = assemble(x, received, spec.plan, spec.padding)
         if spec.crop is not None:
             full = grad.new_zeros(ctx.full_shape)
