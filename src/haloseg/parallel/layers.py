@@ -478,7 +478,10 @@ class _PartitionedNorm(Partitioned):
         """Normalise the rows of ``x.view(view)`` with whole-image statistics."""
         dec = self._hs.dec
         mean, var, count = global_moments(x.reshape(view), dec)
-        y = GlobalNormalize.apply(x, weight, bias, mean, var, self.eps, view, count, dec)
+        per_channel = isinstance(self, nn.GroupNorm)
+        y = GlobalNormalize.apply(
+            x, weight, bias, mean, var, self.eps, view, count, dec, per_channel
+        )
         return y, mean, var, count
 
     def _affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -532,11 +535,8 @@ class PartitionedGroupNorm(_PartitionedNorm):
     """``nn.GroupNorm`` with per-sample, per-group statistics over the whole image."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._normalize(x, (1, x.shape[0] * self.num_groups, -1), None, None)[0]
-        if not self.affine:
-            return y
-        shape = (1, -1, *([1] * (x.dim() - 2)))
-        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
+        view = (1, x.shape[0] * self.num_groups, -1)
+        return self._normalize(x, view, *self._affine())[0]
 
 
 # ------------------------------------------------------------------------------------ crop

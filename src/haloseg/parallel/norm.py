@@ -58,11 +58,18 @@ class GlobalNormalize(torch.autograd.Function):
         view: tuple[int, ...],
         count: int,
         dec: Decomposition,
+        per_channel: bool = False,
     ) -> torch.Tensor:
-        y = F.batch_norm(x.reshape(view), mean, var, weight, bias, False, 0.0, eps)
+        if per_channel:  # GroupNorm: rows are groups, the affine is per channel
+            y = F.batch_norm(x.reshape(view), mean, var, None, None, False, 0.0, eps)
+            y = y.view(x.shape)
+            if weight is not None:
+                y.mul_(_channels(weight, x)).add_(_channels(bias, x))
+        else:
+            y = F.batch_norm(x.reshape(view), mean, var, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.view, ctx.count, ctx.dec = eps, view, count, dec
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.per_channel = bias is not None, per_channel
         # detach: an output that is a view of an intermediate may not be modified in place
         # (inplace ReLU follows), a detached alias of the same storage may.
         return y.view(x.shape).detach()
@@ -70,7 +77,14 @@ class GlobalNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, var = ctx.saved_tensors
-        xv, gv = x.reshape(ctx.view), g.reshape(ctx.view)
+        xv = x.reshape(ctx.view)
+        channel_grads = None
+        if ctx.per_channel:
+            if weight is not None:
+                channel_grads = _channel_grads(g, x, xv, mean, var, ctx)
+                g = g * _channels(weight, x)
+            weight = None
+        gv = g.reshape(ctx.view)
         w = weight if weight is not None else mean.new_ones(mean.shape)
         # Eval-form backward: g * w * invstd, and the local sums of g * xhat and of g.
         gi, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
@@ -91,5 +105,21 @@ class GlobalNormalize(torch.autograd.Function):
             shape = (1, -1, *([1] * (xv.dim() - 2)))
             gx = gi.addcmul_(xv, a.view(shape)).add_(b.view(shape)).view(x.shape)
         gw = g_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        gb = g_sum if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None, None, None
+        gb = g_sum if weight is not None and ctx.has_bias and ctx.needs_input_grad[2] else None
+        if channel_grads is not None:
+            gw, gb = channel_grads
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _channels(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return p.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _channel_grads(
+    g: torch.Tensor, x: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor,
+    var: torch.Tensor, ctx: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Local gradients of a per-channel affine after per-row normalisation (GroupNorm)."""
+    xhat = F.batch_norm(xv, mean, var, None, None, False, 0.0, ctx.eps).view(x.shape)
+    dims = (0, *range(2, x.dim()))
+    return (g * xhat).sum(dims), g.sum(dims)
