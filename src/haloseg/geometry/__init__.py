@@ -12,6 +12,7 @@ from haloseg.geometry.blocks import (
     intersect,
     nearest_multiples,
     split_extent,
+    to_local,
 )
 from haloseg.geometry.halo import HaloPlan, Piece, plan_exchange, trim_padding
 from haloseg.geometry.rules import (
@@ -44,5 +45,6 @@ __all__ = [
     "plan_exchange",
     "same_padding",
     "split_extent",
+    "to_local",
     "trim_padding",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "intersect",
     "nearest_multiples",
     "split_extent",
+    "to_local",
 ]
 
 Range = tuple[int, int]
@@ -103,6 +104,11 @@ def intersect(a: Box, b: Box) -> Box | None:
     """The common part of two boxes, or ``None`` when they do not overlap."""
     out = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b, strict=True))
     return None if any(lo >= hi for lo, hi in out) else out
+
+
+def to_local(box: Box, origin: Box) -> Box:
+    """``box`` in the coordinates of a box starting at ``origin``'s starts."""
+    return tuple((a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
 
 
 def box_volume(box: Box) -> int:

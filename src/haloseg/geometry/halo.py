@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from haloseg.errors import DecompositionError
-from haloseg.geometry.blocks import Box, Range, grid_coords, intersect
+from haloseg.geometry.blocks import Box, Range, grid_coords, intersect, to_local
 
 __all__ = ["HaloPlan", "Piece", "plan_exchange", "trim_padding"]
 
@@ -116,10 +116,6 @@ def _pieces(
     return out
 
 
-def _local(box: Box, origin: Box) -> Box:
-    return tuple((a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
-
-
 def plan_exchange(
     rank: int,
     boxes: Sequence[Box],
@@ -140,9 +136,9 @@ def plan_exchange(
         # Every rank checks every plan, so that all raise together instead of some waiting.
         for r, pieces in enumerate(all_pieces):
             _check_neighbours(r, [owner for owner, _, _ in pieces], grid, periodic)
-    recv = tuple(Piece(o, buf, _local(g, boxes[o])) for o, buf, g in mine)
+    recv = tuple(Piece(o, buf, to_local(g, boxes[o])) for o, buf, g in mine)
     send = tuple(
-        Piece(q, buf, _local(g, boxes[rank]))
+        Piece(q, buf, to_local(g, boxes[rank]))
         for q, pieces in enumerate(all_pieces)
         if q != rank
         for o, buf, g in pieces

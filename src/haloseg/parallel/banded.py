@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from haloseg.geometry import Box, HaloPlan, intersect
+from haloseg.geometry import Box, HaloPlan, intersect, to_local
 from haloseg.parallel.comm import (
     add_incoming,
+    box_slices,
     save_halos,
     saved_halos,
     start_exchange,
@@ -44,14 +45,6 @@ class BandedSpec:
     dec: Decomposition
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
-    return (slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))
-
-
-def _local(box: Box, origin: Box) -> Box:
-    return tuple((a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
-
-
 def _pieces(spec: BandedSpec, window: Box) -> list[tuple[int, Box, Box]]:
     """(piece index, part of the piece, part of the slab) for pieces overlapping ``window``."""
     origin = spec.plan.window
@@ -60,7 +53,7 @@ def _pieces(spec: BandedSpec, window: Box) -> list[tuple[int, Box, Box]]:
         placed = tuple((o + a, o + b) for (a, b), (o, _) in zip(piece.buffer, origin, strict=True))
         common = intersect(placed, window)
         if common is not None:
-            out.append((i, _local(common, placed), _local(common, window)))
+            out.append((i, to_local(common, placed), to_local(common, window)))
     return out
 
 
@@ -78,10 +71,12 @@ def _slab(
         if received[i] is None:
             if not with_block:
                 continue
-            src = x[_slices(tuple((s0 + a, s0 + b) for (a, b), (s0, _) in zip(part, piece.source)))]
+            src = x[
+                box_slices(tuple((s0 + a, s0 + b) for (a, b), (s0, _) in zip(part, piece.source)))
+            ]
         else:
-            src = received[i][_slices(part)]
-        slab[_slices(dest)] = src
+            src = received[i][box_slices(part)]
+        slab[box_slices(dest)] = src
     return slab
 
 
@@ -107,7 +102,9 @@ class BandedConv(torch.autograd.Function):
         origin = spec.plan.local_box
         for band, window in zip(spec.bands, spec.windows, strict=True):
             slab = _slab(x, received, spec, window, with_block=True)
-            out[_slices(_local(band, origin))] = _conv(slab, weight, bias, spec, (0,) * len(band))
+            out[box_slices(to_local(band, origin))] = _conv(
+                slab, weight, bias, spec, (0,) * len(band)
+            )
         ctx.spec, ctx.has_bias = spec, bias is not None
         save_halos(ctx, x, weight, received)
         return out
@@ -126,7 +123,7 @@ class BandedConv(torch.autograd.Function):
         band_gw = []
         origin = spec.plan.local_box
         for band, window in zip(spec.bands, spec.windows, strict=True):
-            g_band = grad[_slices(_local(band, origin))].contiguous()
+            g_band = grad[box_slices(to_local(band, origin))].contiguous()
             halo_only = _slab(x, received, spec, window, with_block=False)
             g_slab, g_w, _ = torch.ops.aten.convolution_backward(
                 g_band, halo_only, weight, None, [1] * n, [0] * n, spec.dilation, False,
@@ -136,7 +133,7 @@ class BandedConv(torch.autograd.Function):
             if need_x:
                 for i, part, dest in _pieces(spec, window):
                     if grad_pieces[i] is not None:
-                        grad_pieces[i][_slices(part)] += g_slab[_slices(dest)]
+                        grad_pieces[i][box_slices(part)] += g_slab[box_slices(dest)]
         incoming, requests = [], []
         if need_x:
             incoming, requests = start_halo_grads(

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from haloseg.geometry import Box, HaloPlan
+from haloseg.geometry import Box, HaloPlan, to_local
 
 __all__ = [
     "HaloExchange",
@@ -26,6 +26,7 @@ __all__ = [
     "assemble",
     "add_incoming",
     "assemble_adjoint",
+    "box_slices",
     "comm_cpu_times",
     "comm_times",
     "exchange",
@@ -76,7 +77,8 @@ def reset_comm_times() -> None:
     _CPU.clear()
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
+def box_slices(box: Box) -> tuple[slice, ...]:
+    """Index of ``box`` in a tensor laid out ``(N, C, *spatial)``."""
     return (slice(None), slice(None), *(slice(lo, hi) for lo, hi in box))
 
 
@@ -190,7 +192,7 @@ def start_exchange(
     received: list[torch.Tensor | None] = [None] * len(plan.recv)
     sends, recvs = [], []
     for _, piece, tag in _tagged(plan.send, plan.rank):
-        sends.append((piece.peer, x[_slices(piece.source)].contiguous(), tag))
+        sends.append((piece.peer, x[box_slices(piece.source)].contiguous(), tag))
     for i, piece, tag in _tagged(plan.recv, plan.rank):
         received[i] = x.new_empty(_shape(x, piece.buffer))
         recvs.append((piece.peer, received[i], tag))
@@ -235,7 +237,7 @@ def start_halo_grads(
 
 def add_incoming(grad_x: torch.Tensor, incoming: Sequence[tuple[Box, torch.Tensor]]) -> None:
     for box, buf in incoming:
-        grad_x[_slices(box)] += buf
+        grad_x[box_slices(box)] += buf
 
 
 def return_halo_grads(
@@ -286,7 +288,7 @@ def assemble(
     if plan.is_identity:
         return x
     if plan.is_view:
-        return x[_slices(plan.recv[0].source)]
+        return x[box_slices(plan.recv[0].source)]
     padded = any(lo or hi for lo, hi in plan.pad)
     if isinstance(padding, str) and padded:
         core = _core(plan)
@@ -318,12 +320,8 @@ def _fill(
     origin: Box | None,
 ) -> None:
     for piece, data in zip(plan.recv, received, strict=True):
-        box = piece.buffer if origin is None else _shift(piece.buffer, origin)
-        buf[_slices(box)] = x[_slices(piece.source)] if data is None else data
-
-
-def _shift(box: Box, origin: Box) -> Box:
-    return tuple((a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
+        box = piece.buffer if origin is None else to_local(piece.buffer, origin)
+        buf[box_slices(box)] = x[box_slices(piece.source)] if data is None else data
 
 
 def assemble_adjoint(
@@ -337,7 +335,7 @@ def assemble_adjoint(
         return grad_buf, [None]
     if plan.is_view:
         grad_x = grad_buf.new_zeros(x_shape)
-        grad_x[_slices(plan.recv[0].source)] = grad_buf
+        grad_x[box_slices(plan.recv[0].source)] = grad_buf
         return grad_x, [None]
     origin = None
     if isinstance(padding, str) and any(lo or hi for lo, hi in plan.pad):
@@ -356,13 +354,13 @@ def assemble_adjoint(
     grad_x = grad_buf.new_empty(x_shape) if first_copy else grad_buf.new_zeros(x_shape)
     grad_pieces: list[torch.Tensor | None] = []
     for piece in plan.recv:
-        box = piece.buffer if origin is None else _shift(piece.buffer, origin)
-        g = grad_buf[_slices(box)]
+        box = piece.buffer if origin is None else to_local(piece.buffer, origin)
+        g = grad_buf[box_slices(box)]
         if piece.peer == plan.rank and first_copy:
             grad_x.copy_(g)
             grad_pieces.append(None)
         elif piece.peer == plan.rank:
-            grad_x[_slices(piece.source)] += g
+            grad_x[box_slices(piece.source)] += g
             grad_pieces.append(None)
         else:
             grad_pieces.append(g)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from haloseg.errors import DecompositionError
 from haloseg.geometry import Box, boxes_from_bounds, grid_coords, grid_rank, split_extent
-from haloseg.parallel.comm import gather_small, timed
+from haloseg.parallel.comm import box_slices, gather_small, timed
 
 __all__ = ["Decomposition"]
 
@@ -102,7 +102,7 @@ class Decomposition:
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Whole tensor ``(N, C, *spatial)`` (present on every rank) -> this rank's block."""
         box = self.box(x.shape[2:])
-        return x[(slice(None), slice(None), *(slice(a, b) for a, b in box))].contiguous()
+        return x[box_slices(box)].contiguous()
 
     def bounds_of(self, local_shape: Sequence[int]) -> list[list[int]]:
         """Per-axis boundaries of a distributed tensor, from every rank's local spatial shape.
@@ -152,5 +152,5 @@ class Decomposition:
         for box, part in zip(boxes, parts, strict=True):
             shape = (*y.shape[:2], *(hi - lo for lo, hi in box))
             block = part[: math.prod(shape)].view(shape)
-            full[(slice(None), slice(None), *(slice(a, b) for a, b in box))] = block
+            full[box_slices(box)] = block
         return full

@@ -39,6 +39,7 @@ from haloseg.parallel.comm import (
     Padding,
     assemble,
     assemble_adjoint,
+    box_slices,
     exchange,
     return_halo_grads,
     save_halos,
@@ -158,7 +159,7 @@ class Partitioned:
         if plan.is_identity:
             return x
         if plan.is_view:
-            return x[(slice(None), slice(None), *(slice(a, b) for a, b in plan.recv[0].source))]
+            return x[box_slices(plan.recv[0].source)]
         dec = self._hs.dec
         return HaloExchange.apply(x, plan, padding, dec.peers, dec.group)
 

@@ -65,7 +65,7 @@ class _GlobalMax(torch.autograd.Function):
                 dist.all_reduce(best, op=dist.ReduceOp.MAX, group=dec.group)
         # Ties between ranks: the smallest global row-major index wins.
         bounds = dec.bounds_of(x.shape[2:])
-        strides, box = _global_strides(bounds), dec_box(bounds, dec)
+        strides, box = _global_strides(bounds), _rank_box(bounds, dec)
         coords = torch.stack(torch.unravel_index(local_arg, x.shape[2:]), -1)
         origin = torch.tensor([lo for lo, _ in box], device=x.device)
         index = ((coords + origin) * torch.tensor(strides, device=x.device)).sum(-1)
@@ -101,7 +101,7 @@ def _global_strides(bounds: list[list[int]]) -> list[int]:
     return list(reversed(strides))
 
 
-def dec_box(bounds: list[list[int]], dec: Decomposition) -> list[tuple[int, int]]:
+def _rank_box(bounds: list[list[int]], dec: Decomposition) -> list[tuple[int, int]]:
     return [(b[c], b[c + 1]) for b, c in zip(bounds, dec.coords, strict=True)]
 
 
