@@ -1,60 +1,109 @@
-"""``haloseg demo``: a U-Net split over a 2x2 grid of processes gives single-process numbers."""
+"""``haloseg demo``: train a U-Net on synthetic ellipses split over a 2x2 grid of processes.
+
+No arguments, no downloads. The run folder gets ``metrics.json``, ``overlays.png``,
+``curve.png``, TensorBoard logs, checkpoints, and ``comparison.md``: per-rank peak memory
+and step time of the 2x2 run beside the same training step in one process.
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
+import math
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
-from haloseg.models import unet_preset
-from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
-from haloseg.parallel.comm import comm_times, reset_comm_times
+from haloseg.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
 from haloseg.parallel.spawn import run_distributed
+from haloseg.training import train
 
-__all__ = ["run_demo"]
+__all__ = ["demo_config", "run_demo"]
 
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _demo_worker(size: int, grid: tuple[int, int]) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = unet_preset("small", spatial_dims=2, in_channels=1, out_channels=2).double()
-    ref = copy.deepcopy(model)
-    x = torch.randn(1, 1, size, size, dtype=torch.float64)
-    target = (x[:, 0] > 0.5).long()
-    xr = x.clone().requires_grad_()
-    start = time.perf_counter()
-    F.cross_entropy(ref(xr), target).backward()
-    single_s = time.perf_counter() - start
-
-    dec = Decomposition(grid)
-    net = spatial_parallel(model, dec)
-    xl = dec.scatter(x).requires_grad_()
-    dist.barrier()
-    reset_comm_times()
-    start = time.perf_counter()
-    yl = net(xl)
-    loss = cross_entropy(yl, dec.scatter(target[:, None])[:, 0], dec)
-    loss.backward()
-    parallel_s = time.perf_counter() - start
-    grads = [_relative(p.grad, q.grad) for p, q in zip(net.parameters(), ref.parameters())]
-    return {
-        "block": tuple(xl.shape[2:]),
-        "output": _relative(dec.gather(yl.detach()), ref(x).detach()),
-        "input_grad": _relative(dec.gather(xl.grad), xr.grad),
-        "param_grad": max(grads),
-        "single_s": single_s,
-        "parallel_s": parallel_s,
-        "comm_s": sum(comm_times().values()),
-    }
+GRID = (2, 2)
+SINGLE_STEPS = 12
 
 
-def run_demo(size: int = 256, grid: tuple[int, int] = (2, 2)) -> list[dict[str, Any]]:
-    """Train-step a small 2-D U-Net on ``grid`` processes and against one; return per rank."""
-    return run_distributed(_demo_worker, grid[0] * grid[1], size, grid, timeout=900)
+def demo_config(folder: str, *, steps: int = 200, size: int = 256) -> RunConfig:
+    """The demo's run: 3-class ellipses at ``size``², a small U-Net, 2x2 processes."""
+    return RunConfig(
+        name="demo",
+        output_dir=folder,
+        device="cpu",
+        data=DataConfig(kind="synthetic", shape=[size, size], num_images=48, num_classes=3),
+        parallel=ParallelConfig(grid=list(GRID)),
+        train=TrainConfig(steps=steps, batch_size=2, val_every=50, checkpoint_every=100),
+    )
+
+
+def _train(cfg: RunConfig, progress: bool) -> dict[str, Any]:
+    return train(cfg, progress=progress)
+
+
+def _single(cfg: RunConfig) -> dict[str, Any]:
+    return train(cfg, progress=False, previews=0)
+
+
+def _comparison(ranks: list[dict[str, Any]], single: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [{"run": "one process (whole image)", "rank": 0, **_cost(single)}]
+    for r, m in enumerate(ranks):
+        rows.append({"run": f"haloseg {GRID[0]}x{GRID[1]}", "rank": r, **_cost(m)})
+    for row in rows:
+        row["time_vs_single"] = row["step_s"] / rows[0]["step_s"]
+        row["memory_vs_single"] = row["step_peak_mib"] / rows[0]["step_peak_mib"]
+    return rows
+
+
+def _cost(m: dict[str, Any]) -> dict[str, float]:
+    return {"step_s": m["step_seconds_median"], "step_peak_mib": m["peak_step_mib"],
+            "process_peak_mib": m["peak_rss_mib"]}  # fmt: skip
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| run | rank | step s (median) | x one process | step peak MiB | x one process "
+        "| process peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['rank']} | {r['step_s']:.3f} | {r['time_vs_single']:.2f} | "
+            f"{r['step_peak_mib']:.1f} | {r['memory_vs_single']:.2f} | "
+            f"{r['process_peak_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(
+    folder: str | None = None, *, steps: int = 200, size: int = 256, progress: bool = True
+) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """Train the demo on 4 local processes, then time the same step in one process.
+
+    Returns the run folder, the run's metrics and the comparison rows.
+    """
+    folder = folder or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    cfg = demo_config(folder, steps=steps, size=size)
+    world = math.prod(GRID)
+    ranks = run_distributed(_train, world, cfg, progress, timeout=1800, threads=1)
+    with tempfile.TemporaryDirectory(prefix="haloseg-single-") as tmp:
+        single_cfg = dataclasses.replace(
+            cfg, output_dir=tmp, parallel=ParallelConfig(grid=[1, 1]),
+            train=dataclasses.replace(cfg.train, steps=SINGLE_STEPS, val_every=10**6,
+                                      checkpoint_every=10**6),
+        )  # fmt: skip
+        (single,) = run_distributed(_single, 1, single_cfg, timeout=900, threads=1)
+    rows = _comparison(ranks, single)
+    path = Path(folder)
+    metrics = json.loads((path / "metrics.json").read_text())
+    metrics["comparison"] = rows
+    _write(path / "metrics.json", json.dumps(metrics, indent=2))
+    _write(path / "comparison.md", comparison_markdown(rows))
+    return path, metrics, rows
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

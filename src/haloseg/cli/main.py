@@ -17,28 +17,71 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace, console: Console) -> None:
-    from haloseg.cli.demo import run_demo
+    from haloseg.cli.demo import GRID, run_demo
 
-    grid = tuple(args.grid)
     console.print(
-        f"Training step of the 'small' 2-D U-Net on a {args.size}x{args.size} image, split over "
-        f"a {grid[0]}x{grid[1]} grid of processes, against the same step in one process (fp64)."
+        f"Training a U-Net on synthetic ellipses ({args.size}x{args.size}, 3 classes), each "
+        f"image split over a {GRID[0]}x{GRID[1]} grid of processes, then timing the same "
+        "step in one process."
     )
-    rows = run_demo(args.size, grid)  # type: ignore[arg-type]
-    table = Table(title="spatial decomposition = one process")
-    for col in ("rank", "block", "output err", "input-grad err", "param-grad err",
-                "step s (P ranks)", "comm s"):  # fmt: skip
+    folder, metrics, rows = run_demo(args.output, steps=args.steps, size=args.size)
+    table = Table(title="per-rank cost of one training step (medians)")
+    for col in ("run", "rank", "step s", "x one process", "step peak MiB", "x one process",
+                "process peak MiB"):  # fmt: skip
         table.add_column(col, justify="right")
-    for rank, r in enumerate(rows):
+    for r in rows:
         table.add_row(
-            str(rank), "x".join(map(str, r["block"])), f"{r['output']:.1e}",
-            f"{r['input_grad']:.1e}", f"{r['param_grad']:.1e}", f"{r['parallel_s']:.2f}",
-            f"{r['comm_s']:.3f}",
+            r["run"], str(r["rank"]), f"{r['step_s']:.3f}", f"{r['time_vs_single']:.2f}",
+            f"{r['step_peak_mib']:.1f}", f"{r['memory_vs_single']:.2f}",
+            f"{r['process_peak_mib']:.0f}",
         )  # fmt: skip
     console.print(table)
-    console.print(f"one process, whole image: {rows[0]['single_s']:.2f} s per step")
-    worst = max(max(r["output"], r["input_grad"], r["param_grad"]) for r in rows)
-    console.print(f"largest relative difference to one process: {worst:.1e}")
+    dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("dice_"))
+    console.print(f"validation Dice: {dice}")
+    console.print(f"outputs: {folder}/ (metrics.json, overlays.png, curve.png, comparison.md, "
+                  "tensorboard/, checkpoints/)")  # fmt: skip
+
+
+def _train(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.config import load_config
+    from haloseg.training import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if metrics.get("processes", 1) == 1 or _rank() == 0:
+        dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("dice_"))
+        console.print(f"step {metrics['steps']}: validation Dice {dice}")
+        console.print(f"outputs: {cfg.output_dir}/")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _data_synth(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.data import EllipseDataset, export_dataset
+
+    dataset = EllipseDataset(
+        args.shape, num_images=args.num_images, num_classes=args.num_classes,
+        in_channels=args.in_channels, noise=args.noise, seed=args.seed,
+    )  # fmt: skip
+    out = export_dataset(dataset, args.out, args.format)
+    shape = "x".join(map(str, args.shape))
+    console.print(f"wrote {args.num_images} {shape} ellipse images as {args.format}: {out}")
+
+
+def _emit(args: argparse.Namespace, console: Console, table: Table, md: str, rows: list) -> None:
+    """Print a benchmark's table, and its Markdown and JSON if asked for."""
+    from haloseg.bench.spatial import write_json
+
+    console.print(table)
+    if args.markdown:
+        console.print(md, markup=False, highlight=False, soft_wrap=True)
+    if args.json:
+        write_json(rows, Path(args.json), "haloseg " + shlex.join(sys.argv[1:]))
+        console.print(f"wrote {args.json}")
 
 
 def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
@@ -47,7 +90,6 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
         markdown,
         report,
         run_spatial_benchmark,
-        write_json,
     )
 
     unknown = [s for s in args.scenario if s not in SCENARIOS]
@@ -69,32 +111,58 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
             f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}", kinds,
         )  # fmt: skip
-    console.print(table)
-    if args.markdown:
-        console.print(markdown(rows), markup=False, highlight=False, soft_wrap=True)
-    if args.json:
-        write_json(rows, Path(args.json), "haloseg " + shlex.join(sys.argv[1:]))
-        console.print(f"wrote {args.json}")
+    _emit(args, console, table, markdown(rows), rows)
 
 
-def _grid(text: str) -> list[int]:
-    try:
-        grid = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"grid {text!r} is not like 2x2") from None
-    if len(grid) != 2 or min(grid) < 1:
-        raise argparse.ArgumentTypeError(f"grid {text!r} must be two positive extents like 2x2")
-    return grid
+def _bench_train(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.bench.training import markdown, run_training_benchmark
+
+    rows = run_training_benchmark(args.ranks, args.steps, args.size, args.allocator)
+    table = Table(title=f"training throughput, demo task ({args.size}x{args.size}), medians")
+    for col in ("ranks", "grid", "allocator", "step s", "images/s", "speed-up",
+                "step peak MiB per rank", "max / 1 rank"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["ranks"]), r["grid"], r["allocator"], f"{r['step_s']:.3f}",
+            f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}",
+            ", ".join(f"{m:.0f}" for m in r["step_peak_mib"]), f"{r['memory_vs_1_rank']:.2f}",
+        )  # fmt: skip
+    _emit(args, console, table, markdown(rows), rows)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haloseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="spatial-parallel training step equals one process")
-    demo.add_argument("--size", type=int, default=256, help="image side (multiple of 16)")
-    demo.add_argument("--grid", type=_grid, default=[2, 2], help="process grid, e.g. 2x2")
+    demo = sub.add_parser("demo", help="train on synthetic ellipses over 2x2 processes")
+    demo.add_argument("--steps", type=int, default=200, help="training steps")
+    demo.add_argument("--size", type=int, default=256, help="image side")
+    demo.add_argument("--output", help="run folder (default runs/demo-TIME)")
     demo.set_defaults(run=_demo)
+    train = sub.add_parser(
+        "train", help="train a U-Net (also under torchrun: python -m haloseg train ...)"
+    )
+    train.add_argument("config", help="YAML config, e.g. configs/ellipses-2d.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's last checkpoint"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="write synthetic ellipses/ellipsoids to disk")
+    synth.add_argument("out", help="output path (must not exist)")
+    synth.add_argument("--format", default="zarr", choices=["zarr", "tiff", "msd"])
+    synth.add_argument("--shape", type=int, nargs="+", default=[256, 256],
+                       help="2 or 3 sides, e.g. --shape 96 96 64")  # fmt: skip
+    synth.add_argument("--num-images", type=int, default=16)
+    synth.add_argument("--num-classes", type=int, default=3)
+    synth.add_argument("--in-channels", type=int, default=1)
+    synth.add_argument("--noise", type=float, default=0.4)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_data_synth)
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
     bsub = bench.add_subparsers(dest="benchmark", required=True)
     spatial = bsub.add_parser("spatial", help="memory, time and communication of decomposition")
@@ -106,6 +174,15 @@ def _parser() -> argparse.ArgumentParser:
     spatial.add_argument("--json", help="write the rows and the machine to this JSON file")
     spatial.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     spatial.set_defaults(run=_bench_spatial)
+    btrain = bsub.add_parser("train", help="training throughput of the demo task, 1/2/4 ranks")
+    btrain.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4], choices=[1, 2, 4])
+    btrain.add_argument("--steps", type=int, default=12, help="training steps per run")
+    btrain.add_argument("--size", type=int, default=256, help="image side")
+    btrain.add_argument("--allocator", nargs="+", default=["default", "neutral"],
+                        choices=["default", "neutral"])  # fmt: skip
+    btrain.add_argument("--json", help="write the rows and the machine to this JSON file")
+    btrain.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    btrain.set_defaults(run=_bench_train)
     return parser
 
 

@@ -253,8 +253,11 @@ class _GradientSum:
     """Sum parameter gradients over the spatial group at the end of every backward.
 
     Only the gradient of the current backward is summed (so gradient accumulation over
-    several backwards stays right): tensor hooks keep each incoming gradient, one
-    all-reduce of them all runs when the backward finishes, and the difference is added.
+    several backwards stays right): tensor hooks take each incoming gradient and let
+    autograd accumulate zeros in its place; one all-reduce of them all runs when the
+    backward finishes, and the sum is added. Adding the sum itself (not the difference to
+    the local part) keeps the replicated gradients, and so the weights, the same bits on
+    every rank.
     """
 
     def __init__(self, params: list[nn.Parameter], dec: Decomposition) -> None:
@@ -268,7 +271,7 @@ class _GradientSum:
             if not self.pending:
                 torch.autograd.Variable._execution_engine.queue_callback(self._sum)
             self.pending[i] = grad
-            return grad
+            return torch.zeros_like(grad)
 
         return hook
 
@@ -282,13 +285,13 @@ class _GradientSum:
         with timed("grads"):
             dist.all_reduce(flat, group=self.dec.group)
         offset = 0
-        for i, p in enumerate(self.params):
+        for p in self.params:
             total = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
             if p.grad is None:
                 p.grad = total.clone()
             else:
-                p.grad += total - pending[i] if i in pending else total
+                p.grad += total
 
 
 # ------------------------------------------------------------------------------ root

@@ -114,25 +114,45 @@ def _spatial(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, x.dim()))
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dec: Decomposition) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dec: Decomposition,
+    *,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over every pixel of the whole batch of images.
 
-    ``logits (N, C, *block)``, ``target (N, *block)`` class indices.
+    ``logits (N, C, *block)``, ``target (N, *block)`` class indices; pixels where the
+    boolean ``valid (N, *block)`` is false (padding) count for nothing.
     """
+    if valid is not None:
+        target = target.masked_fill(~valid, -100)  # F.cross_entropy's ignore_index
     total = F.cross_entropy(logits, target, reduction="sum")
-    count = torch.tensor(float(target.numel()), dtype=logits.dtype)
+    count = target.numel() if valid is None else valid.sum()
+    count = torch.as_tensor(count, dtype=logits.dtype)
     both = global_sum(torch.stack([total, count.to(total)]), dec)
     return both[0] / both[1].detach()
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, dec: Decomposition, *, smooth: float = 1e-5
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dec: Decomposition,
+    *,
+    smooth: float = 1e-5,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``1 - mean over (sample, class) of 2|P∩T| / (|P| + |T|)`` with softmax probabilities,
     the sums taken over the whole image (as MONAI's ``DiceLoss(softmax=True,
-    to_onehot_y=True)``)."""
+    to_onehot_y=True)``), leaving out pixels where ``valid`` is false."""
     probs = logits.softmax(1)
+    if valid is not None:
+        target = target.masked_fill(~valid, 0)
+        probs = probs * valid.unsqueeze(1)
     onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probs)
+    if valid is not None:
+        onehot = onehot * valid.unsqueeze(1)
     dims = _spatial(logits)
     sums = torch.stack([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims)])
     inter, p, t = global_sum(sums, dec).unbind(0)

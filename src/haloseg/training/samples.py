@@ -1,0 +1,138 @@
+"""This rank's block of one training sample: augmented, padded and normalised consistently
+with every other block of the same image, reading only the voxels the block needs.
+
+Augmentation is a permutation of equal-length spatial axes followed by flips, drawn from a
+generator seeded by (seed, epoch, sample position), so every rank draws the same one. A
+block's voxels in the augmented frame come from one box of the stored image, which the
+reader reads; the block is then turned into place. Padding (to a size the network and grid
+can split) sits at the high end of each axis and is marked invalid for loss and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from haloseg.data.base import Dataset
+from haloseg.parallel import Decomposition, global_sum
+
+__all__ = ["Augment", "Block", "draw_augment", "padded_shape", "read_block"]
+
+Box = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """``augmented = flip(flips, transpose(perm, image))`` over the spatial axes."""
+
+    perm: tuple[int, ...]
+    flips: tuple[bool, ...]
+
+    @staticmethod
+    def identity(spatial_dims: int) -> Augment:
+        return Augment(tuple(range(spatial_dims)), (False,) * spatial_dims)
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape[p] for p in self.perm)
+
+    def source_box(self, box: Box, shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The box of the stored image (spatial ``shape``) that ``box`` of the augmented one
+        shows."""
+        turned = self.shape(shape)
+        unflipped = [
+            (n - hi, n - lo) if f else (lo, hi)
+            for (lo, hi), n, f in zip(box, turned, self.flips, strict=True)
+        ]
+        source = [(0, 0)] * len(box)
+        for d, p in enumerate(self.perm):
+            source[p] = unflipped[d]
+        return source
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        """Turn a stored-image block ``(..., *spatial)`` into the augmented frame."""
+        lead = block.ndim - len(self.perm)
+        block = block.transpose(*range(lead), *(lead + p for p in self.perm))
+        flip = [lead + d for d, f in enumerate(self.flips) if f]
+        return np.flip(block, flip) if flip else block
+
+
+def draw_augment(shape: Sequence[int], rng: np.random.Generator) -> Augment:
+    """Random flips of every axis, and a random order of the axes that have equal length."""
+    perm = list(range(len(shape)))
+    for length in set(shape):
+        axes = [d for d, n in enumerate(shape) if n == length]
+        for d, p in zip(axes, rng.permutation(axes), strict=True):
+            perm[d] = int(p)
+    flips = tuple(bool(b) for b in rng.integers(0, 2, len(shape)))
+    return Augment(tuple(perm), flips)
+
+
+def padded_shape(shape: Sequence[int], align: int, grid: Sequence[int]) -> tuple[int, ...]:
+    """The smallest shape >= ``shape`` that ``grid`` blocks aligned to ``align`` can split."""
+    return tuple(max(math.ceil(n / align), g) * align for n, g in zip(shape, grid, strict=True))
+
+
+@dataclass
+class Block:
+    """This rank's block of one sample: ``image (C, *block)``, ``label (*block)``, and
+    ``valid (*block)`` marking voxels of the image (not padding)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    valid: torch.Tensor
+
+
+def _read_augmented(
+    dataset: Dataset, index: int, box: Box, aug: Augment
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """The part of ``box`` (augmented, padded frame) inside the image, read and turned."""
+    turned = aug.shape(dataset.info(index).shape)
+    inside = [(min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, turned, strict=True)]
+    image, label = dataset.read(index, aug.source_box(inside, dataset.info(index).shape))
+    return aug.apply(image), aug.apply(label), inside
+
+
+def read_block(
+    dataset: Dataset,
+    index: int,
+    dec: Decomposition,
+    padded: Sequence[int],
+    aug: Augment,
+    normalize: str,
+    dtype: torch.dtype,
+) -> Block:
+    """This rank's block of sample ``index`` in the augmented frame padded to ``padded``."""
+    box = dec.box(padded)
+    image, label, inside = _read_augmented(dataset, index, box, aug)
+    shape = [hi - lo for lo, hi in box]
+    pad = [(0, s - (hi - lo)) for s, (lo, hi) in zip(shape, inside, strict=True)]
+    valid = np.pad(np.ones(label.shape, dtype=bool), pad)
+    image_t = torch.from_numpy(np.pad(image, [(0, 0), *pad])).to(dtype)
+    label_t = torch.from_numpy(np.pad(label, pad).astype(np.int64))
+    valid_t = torch.from_numpy(valid)
+    if normalize != "none":
+        image_t = _normalize(image_t, valid_t, dec, nonzero=normalize == "zscore_nonzero")
+    return Block(image_t, label_t, valid_t)
+
+
+def _normalize(
+    image: torch.Tensor, valid: torch.Tensor, dec: Decomposition, *, nonzero: bool
+) -> torch.Tensor:
+    """Per-channel z-score with mean and standard deviation of the whole image."""
+    mask = valid.unsqueeze(0).expand_as(image)
+    if nonzero:
+        mask = mask & (image != 0)
+    x = image.to(torch.float64) * mask
+    dims = tuple(range(1, image.dim()))
+    sums = torch.stack([mask.sum(dims).to(torch.float64), x.sum(dims), (x * x).sum(dims)])
+    count, total, squares = global_sum(sums, dec).unbind(0)
+    count = count.clamp(min=1)
+    mean = total / count
+    std = (squares / count - mean * mean).clamp(min=0).sqrt().clamp(min=1e-8)
+    view = (-1, *([1] * (image.dim() - 1)))
+    out = (image.to(torch.float64) - mean.view(view)) / std.view(view)
+    return (out * mask).to(image.dtype)

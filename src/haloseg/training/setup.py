@@ -1,0 +1,234 @@
+"""Everything a run needs before its first step: processes, datasets, model, run folder.
+
+Failures that can strike one rank only (a file missing on one node, a NaN in one block)
+go through ``agree``: every rank learns of them and raises the same error, instead of the
+others waiting in the next collective until the timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from haloseg.config import DataConfig, RunConfig
+from haloseg.data.base import Dataset, SampleInfo
+from haloseg.errors import ConfigError, DataError, DecompositionError, HalosegError
+from haloseg.models import unet_preset
+from haloseg.parallel import Decomposition, spatial_parallel
+from haloseg.parallel.data import data_parallel, data_space_mesh, space_decomposition
+
+__all__ = [
+    "Layout",
+    "Subset",
+    "agree",
+    "build_datasets",
+    "build_model",
+    "init_layout",
+    "prepare_run_folder",
+]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Layout:
+    """Where this process sits: ``data`` replicas x a spatial ``grid`` each."""
+
+    device: torch.device
+    dec: Decomposition
+    data_rank: int
+    data_size: int
+    mesh: DeviceMesh | None
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group("data") if self.mesh is not None else None
+
+
+def agree(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises on any, raise the same error on all."""
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except HalosegError as e:
+        error, result = e, None  # type: ignore[assignment]
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+    failed = torch.tensor([error is not None], dtype=torch.int64)
+    dist.all_reduce(failed)
+    if failed.item():
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else (type(error), str(error)))
+        if error is not None:
+            raise error
+        cls, text = next(m for m in messages if m is not None)
+        raise cls(text)
+    return result  # type: ignore[return-value]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is visible; use device=cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _join_torchrun(device: torch.device) -> None:
+    """Join the process group of torchrun's environment (MASTER_ADDR, RANK, ...).
+
+    Under elastic restarts torchrun keeps its key-value store, so the keys where the last
+    attempt's processes published their addresses are still there: a new process could read
+    a dead peer's address before its successor overwrites it. Keys under a prefix of the
+    restart count keep every attempt apart.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=int(os.environ.get("HALOSEG_GLOO_TIMEOUT", "300")))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=rank == 0 and not agent_store, timeout=timeout,
+    )  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=dist.PrefixStore(f"haloseg/attempt-{attempt}", store),
+        rank=rank, world_size=world, timeout=timeout,
+    )  # fmt: skip
+
+
+def init_layout(cfg: RunConfig, spatial_dims: int) -> Layout:
+    """Join the process group torchrun set up (if any) and arrange it as data x space."""
+    device = _device(cfg.device)
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _join_torchrun(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    grid = list(cfg.parallel.grid or [1] * spatial_dims)
+    if len(grid) != spatial_dims:
+        raise ConfigError(
+            f"parallel.grid={grid} has {len(grid)} extents but the images are {spatial_dims}-D; "
+            f"give one extent per spatial dimension"
+        )
+    data = cfg.parallel.data
+    if data * math.prod(grid) != world:
+        raise DecompositionError(
+            f"parallel.data={data} x grid {grid} = {data * math.prod(grid)} processes, but "
+            f"{world} were launched; launch with --nproc-per-node={data * math.prod(grid)} "
+            f"or change parallel.grid / parallel.data"
+        )
+    if data > 1:
+        mesh = data_space_mesh(data, grid, device.type)
+        return Layout(device, space_decomposition(mesh, grid), mesh.get_local_rank("data"),
+                      data, mesh, world)  # fmt: skip
+    return Layout(device, Decomposition(grid), 0, 1, None, world)
+
+
+class Subset:
+    """The samples ``indices`` of ``dataset``."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.spatial_dims = dataset.spatial_dims
+        self.in_channels = dataset.in_channels
+        self.num_classes = dataset.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def info(self, index: int) -> SampleInfo:
+        return self.dataset.info(self.indices[index])
+
+    def read(self, index: int, box: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.read(self.indices[index], box)
+
+
+def _open_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.kind == "synthetic":
+        from haloseg.data.synthetic import EllipseDataset
+
+        return EllipseDataset(
+            cfg.shape, num_images=cfg.num_images, num_classes=cfg.num_classes or 3,
+            in_channels=cfg.in_channels, noise=cfg.noise, seed=cfg.seed,
+        )  # fmt: skip
+    if cfg.kind == "msd":
+        from haloseg.data.msd import MSDDataset
+
+        return MSDDataset(cfg.path)
+    if cfg.kind == "tiff":
+        from haloseg.data.tiff import TiffDataset
+
+        if cfg.num_classes is None:
+            raise ConfigError("data.kind='tiff' needs data.num_classes (label rasters do not say)")
+        return TiffDataset.from_folder(cfg.path, num_classes=cfg.num_classes)
+    from haloseg.data.zarr_arrays import ZarrDataset
+
+    return ZarrDataset(cfg.path, num_classes=cfg.num_classes)
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(training, validation) datasets: the last ``val_fraction`` of the samples validate."""
+    dataset = _open_dataset(cfg)
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"the {cfg.kind} dataset at {cfg.path} holds no samples")
+    n_val = min(n - 1, math.ceil(n * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise DataError(f"the {cfg.kind} dataset holds {n} sample(s): too few to train on")
+    return Subset(dataset, range(n - n_val)), Subset(dataset, range(n - n_val, n))
+
+
+def build_model(
+    cfg: RunConfig, dataset: Dataset, layout: Layout, dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module]:
+    """(model to train, the plain module holding the weights) on this rank."""
+    torch.manual_seed(cfg.train.seed)
+    model = unet_preset(
+        cfg.model.preset, spatial_dims=dataset.spatial_dims, in_channels=dataset.in_channels,
+        out_channels=dataset.num_classes, **cfg.model.overrides(),
+    ).to(device=layout.device, dtype=dtype)  # fmt: skip
+    spatial_parallel(model, layout.dec, sync_gradients=layout.mesh is None)
+    if layout.mesh is not None:
+        return data_parallel(model, layout.mesh), model
+    return model, model
+
+
+def prepare_run_folder(folder: str, *, resume: bool) -> Path:
+    """Create the run folder and check it is writable; refuse to overwrite a finished run
+    unless resuming."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"run folder {folder!r} is not writable ({e.strerror}); choose another with "
+            "output_dir=PATH"
+        ) from None
+    if not resume and (path / "checkpoints" / "latest.json").exists():
+        raise ConfigError(
+            f"run folder {folder!r} already holds a run; pass --resume to continue it or "
+            "choose another output_dir"
+        )
+    return path
