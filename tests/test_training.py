@@ -11,9 +11,10 @@ import torch
 
 from haloseg.config import load_config
 from haloseg.data import EllipseDataset
-from haloseg.parallel import Decomposition
+from haloseg.parallel import Decomposition, cross_entropy, soft_dice_loss
 from haloseg.parallel.spawn import run_distributed
 from haloseg.training.loop import build_trainer, fit
+from haloseg.training.metrics import DiceTracker
 from haloseg.training.samples import Augment, draw_augment, padded_shape, read_block
 
 
@@ -127,3 +128,52 @@ def test_padding_marks_invalid_voxels_and_normalises_with_whole_image_statistics
     assert inside.std(unbiased=False).item() == pytest.approx(1, abs=1e-9)
     assert (block.image[0][~block.valid] == 0).all()
     assert dataclasses.is_dataclass(block)
+
+
+# -- metrics as MONAI defines them ------------------------------------------------------------
+
+
+def test_dice_tracker_equals_monai_dice_metric_on_classes_and_regions():
+    from monai.metrics import DiceMetric
+
+    gen = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (3, 20, 24), generator=gen)
+    pred = torch.where(torch.rand(3, 20, 24, generator=gen) < 0.7, label,
+                       torch.randint(0, 4, (3, 20, 24), generator=gen))  # fmt: skip
+    label[1][label[1] == 3] = 0  # an image without class 3: left out, as MONAI does
+    regions = {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing_tumour": [3]}
+    tracker = DiceTracker(4, regions)
+    tracker.update(pred, label, torch.ones_like(label, dtype=torch.bool), Decomposition((1, 1)))
+    got = tracker.compute()
+
+    def monai(masks_pred, masks_true):
+        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+        metric(masks_pred.float(), masks_true.float())
+        return metric.aggregate().tolist()
+
+    onehot = torch.nn.functional.one_hot
+    per_class = monai(onehot(pred, 4).movedim(-1, 1)[:, 1:], onehot(label, 4).movedim(-1, 1)[:, 1:])
+    for c, want in enumerate(per_class, start=1):
+        assert got[f"dice_class{c}"] == pytest.approx(want, rel=1e-6)
+    for name, labels in regions.items():
+        members = torch.tensor(labels)
+        (want,) = monai(torch.isin(pred, members)[:, None], torch.isin(label, members)[:, None])
+        assert got[f"dice_{name}"] == pytest.approx(want, rel=1e-6)
+    assert got["dice_mean"] == pytest.approx(sum(per_class) / 3, rel=1e-6)
+
+
+def test_masked_losses_equal_the_losses_of_the_unpadded_image():
+    from monai.losses import DiceCELoss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 12, 10, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 12, 10), generator=gen)
+    padded_logits = torch.nn.functional.pad(logits, (0, 6, 0, 4), value=7.0)
+    padded_target = torch.nn.functional.pad(target, (0, 6, 0, 4), value=2)
+    valid = torch.nn.functional.pad(torch.ones_like(target, dtype=torch.bool), (0, 6, 0, 4))
+    dec = Decomposition((1, 1))
+    got = cross_entropy(padded_logits, padded_target, dec, valid=valid) + soft_dice_loss(
+        padded_logits, padded_target, dec, valid=valid
+    )
+    want = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target[:, None])
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
