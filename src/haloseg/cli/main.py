@@ -36,6 +36,11 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
             f"{r['process_peak_mib']:.0f}",
         )  # fmt: skip
     console.print(table)
+    console.print(
+        "Each of the 4 ranks holds a quarter of every image. On a machine with fewer cores than "
+        "ranks they take turns on the cores, so the step time shows the sharing as much as the "
+        "method; docs/benchmarks.md has the scaling at 1024²."
+    )
     dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("dice_"))
     console.print(f"validation Dice: {dice}")
     console.print(f"outputs: {folder}/ (metrics.json, overlays.png, curve.png, comparison.md, "
