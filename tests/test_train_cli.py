@@ -185,6 +185,19 @@ def test_resume_with_other_channel_count_is_refused(finished_copy, capsys):
     assert _snapshot(finished_copy) == before and not _stray(finished_copy)
 
 
+def test_resume_with_another_model_is_refused(finished_copy, capsys):
+    before = _snapshot(finished_copy)
+    config = _config(finished_copy.parent)
+    assert _train(config, finished_copy, "model.base_channels=8", "--resume") == 2
+    _error(capsys, "model.base_channels changed", "config.yaml")
+    assert _snapshot(finished_copy) == before and not _stray(finished_copy)
+
+
+def test_demo_into_a_finished_run_is_one_line(finished_copy, capsys):
+    assert main(["demo", "--steps", "1", "--size", "64", "--output", str(finished_copy)]) == 2
+    _error(capsys, "already holds a run")
+
+
 @pytest.mark.parametrize(
     ("name", "shape"), [("ellipses-2d", "[32, 32]"), ("ellipsoids-3d", "[16, 16, 16]")]
 )

@@ -73,10 +73,10 @@ def test_spatial_training_equals_one_process(grid, single_run, tmp_path):
 
 
 def test_data_times_space_training_equals_one_process(tmp_path):
-    # Instance norm: BatchNorm statistics are per data replica under DDP, as in PyTorch.
-    one = _config(str(tmp_path / "one"), "model.norm=instance")
-    mesh = _config(str(tmp_path / "mesh"), "model.norm=instance", "parallel.data=2",
-                   "parallel.grid=[1,2]", "train.batch_size=1")  # fmt: skip
+    # BatchNorm: batch statistics over both replicas' images, as over the one process's batch.
+    one = _config(str(tmp_path / "one"))
+    mesh = _config(str(tmp_path / "mesh"), "parallel.data=2", "parallel.grid=[1,2]",
+                   "train.batch_size=1")  # fmt: skip
     got, want = _run(mesh, 4), _run(one, 1)
     (h_got, w_got), (h_want, w_want) = got, want
     for a, b in zip(h_got, h_want, strict=True):
@@ -84,6 +84,7 @@ def test_data_times_space_training_equals_one_process(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-10, abs=1e-12), key
     for k in w_want:
         torch.testing.assert_close(w_got[k], w_want[k], rtol=1e-9, atol=1e-11, msg=k)
+    assert any("running_var" in k for k in w_want)
 
 
 def test_training_learns_the_ellipses(tmp_path):
@@ -177,3 +178,11 @@ def test_masked_losses_equal_the_losses_of_the_unpadded_image():
     )
     want = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target[:, None])
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_replicas_with_different_numbers_of_validation_images(tmp_path):
+    # One validation image for two data replicas: one of them validates nothing.
+    cfg = _config(str(tmp_path), "parallel.data=2", "data.num_images=4", "train.steps=2",
+                  "train.batch_size=1", "train.accumulate=1", "train.dtype=float32")  # fmt: skip
+    history, _ = _run(cfg, 2)
+    assert "dice_mean" in history[-1] and history[-1]["val_loss"] > 0

@@ -1,5 +1,6 @@
 """haloseg: exact spatial-parallel U-Net segmentation of images too large for one device."""
 
+from haloseg.config import RunConfig, load_config
 from haloseg.errors import (
     ConfigError,
     DataError,
@@ -7,6 +8,7 @@ from haloseg.errors import (
     HalosegError,
     UnsupportedLayerError,
 )
+from haloseg.inference import ReceptiveField, predict_tiled, receptive_field
 from haloseg.models import UNet, unet_preset
 from haloseg.parallel import (
     Decomposition,
@@ -16,6 +18,7 @@ from haloseg.parallel import (
     soft_dice_loss,
     spatial_parallel,
 )
+from haloseg.training import train
 
 __version__ = "0.1.0"
 
@@ -25,12 +28,18 @@ __all__ = [
     "Decomposition",
     "DecompositionError",
     "HalosegError",
+    "ReceptiveField",
+    "RunConfig",
     "UNet",
     "UnsupportedLayerError",
     "accuracy",
     "cross_entropy",
     "global_sum",
+    "load_config",
+    "predict_tiled",
+    "receptive_field",
     "soft_dice_loss",
     "spatial_parallel",
+    "train",
     "unet_preset",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "ParallelConfig",
     "RunConfig",
     "TrainConfig",
+    "demo_config",
     "load_config",
     "save_config",
 ]
@@ -86,6 +87,12 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"data.num_classes={self.num_classes} must be >= 2")
+        for name, labels in self.regions.items():
+            if name == "mean" or name.startswith("class") or not labels:
+                raise ConfigError(
+                    f"data.regions[{name!r}]={labels}: a region needs a name other than 'mean' "
+                    "or 'classN' (those are per-class metrics) and at least one label"
+                )
         _positive("data.num_images", self.num_images)
         _positive("data.in_channels", self.in_channels)
         _positive("data.noise", self.noise, zero=True)
@@ -327,3 +334,20 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+GRID = (2, 2)
+"""The demo's process grid."""
+
+
+def demo_config(folder: str, *, steps: int = 200, size: int = 256) -> RunConfig:
+    """The demo's run (``haloseg demo``, ``haloseg bench train``): 3-class ellipses at
+    ``size``², the small U-Net, each image over a 2x2 grid of processes."""
+    return RunConfig(
+        name="demo",
+        output_dir=folder,
+        device="cpu",
+        data=DataConfig(kind="synthetic", shape=[size, size], num_images=48, num_classes=3),
+        parallel=ParallelConfig(grid=list(GRID)),
+        train=TrainConfig(steps=steps, batch_size=2, val_every=50, checkpoint_every=100),
+    )

@@ -15,8 +15,7 @@ import tempfile
 from typing import Any
 
 from haloseg.bench.spatial import NEUTRAL
-from haloseg.cli.demo import demo_config
-from haloseg.config import ParallelConfig, RunConfig
+from haloseg.config import ParallelConfig, RunConfig, demo_config
 from haloseg.parallel.spawn import run_distributed
 from haloseg.training import build_trainer, final_metrics, fit
 
@@ -32,7 +31,7 @@ def _worker(cfg: RunConfig) -> dict[str, Any]:
     fit(trainer, progress=False)
     metrics = final_metrics(trainer)
     # Leave out the first steps: plans, allocator and caches warm up there.
-    metrics["step_seconds"] = trainer.step_seconds[2:]
+    metrics["step_seconds"] = trainer.step_seconds[2:] or trainer.step_seconds
     return metrics
 
 

@@ -16,26 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from haloseg.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
+from haloseg.config import GRID as GRID
+from haloseg.config import ParallelConfig, RunConfig, demo_config
 from haloseg.parallel.spawn import run_distributed
 from haloseg.training import train
 
-__all__ = ["demo_config", "run_demo"]
+__all__ = ["GRID", "run_demo"]
 
-GRID = (2, 2)
 SINGLE_STEPS = 12
-
-
-def demo_config(folder: str, *, steps: int = 200, size: int = 256) -> RunConfig:
-    """The demo's run: 3-class ellipses at ``size``², a small U-Net, 2x2 processes."""
-    return RunConfig(
-        name="demo",
-        output_dir=folder,
-        device="cpu",
-        data=DataConfig(kind="synthetic", shape=[size, size], num_images=48, num_classes=3),
-        parallel=ParallelConfig(grid=list(GRID)),
-        train=TrainConfig(steps=steps, batch_size=2, val_every=50, checkpoint_every=100),
-    )
 
 
 def _train(cfg: RunConfig, progress: bool) -> dict[str, Any]:

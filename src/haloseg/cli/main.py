@@ -48,21 +48,21 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
+    import torch.distributed as dist
+
     from haloseg.config import load_config
     from haloseg.training import train
 
     cfg = load_config(args.config, args.overrides)
-    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if metrics.get("processes", 1) == 1 or _rank() == 0:
+    try:
+        metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics["rank"] == 0:
         dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("dice_"))
         console.print(f"step {metrics['steps']}: validation Dice {dice}")
         console.print(f"outputs: {cfg.output_dir}/")
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _data_synth(args: argparse.Namespace, console: Console) -> None:

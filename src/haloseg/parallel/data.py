@@ -48,9 +48,19 @@ def data_parallel(model: nn.Module, mesh: DeviceMesh, **ddp_kwargs: Any) -> nn.M
     """Wrap a model converted with ``spatial_parallel(..., sync_gradients=False)`` in DDP.
 
     Gradients end up summed over the ``space`` axis and averaged over the ``data`` axis, so
-    one optimizer step equals the single-process step on the whole batch. Normalisation
-    statistics stay per data replica, as under plain DDP.
+    one optimizer step equals the single-process step on the whole batch. BatchNorm takes
+    its batch statistics over every replica's images (as ``SyncBatchNorm`` would), so the
+    forward pass and the running statistics equal the single process's too.
     """
+    if mesh.size() != dist.get_world_size():
+        raise DecompositionError(
+            f"the mesh holds {mesh.size()} of the {dist.get_world_size()} processes; "
+            "data_parallel needs a mesh over all of them"
+        )
+    stats = Decomposition((mesh.size(),))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and hasattr(m, "_hs"):
+            m._hs.stats = stats
     ddp = DistributedDataParallel(model, broadcast_buffers=False, **ddp_kwargs)
     ddp.register_comm_hook(mesh.size(0), _mean_over_data)
     return ddp

@@ -57,6 +57,8 @@ class LayerContext:
 
     dec: Decomposition
     path: str
+    stats: Decomposition | None = None
+    """Wider group of BatchNorm's batch statistics (all data replicas), when there is one."""
     forward_id: int = -1
     calls: int = 0
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -478,6 +480,8 @@ class _PartitionedNorm(Partitioned):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Normalise the rows of ``x.view(view)`` with whole-image statistics."""
         dec = self._hs.dec
+        if self._hs.stats is not None and isinstance(self, nn.modules.batchnorm._BatchNorm):
+            dec = self._hs.stats
         mean, var, count = global_moments(x.reshape(view), dec)
         per_channel = isinstance(self, nn.GroupNorm)
         y = GlobalNormalize.apply(

@@ -130,9 +130,10 @@ def cross_entropy(
         target = target.masked_fill(~valid, -100)  # F.cross_entropy's ignore_index
     total = F.cross_entropy(logits, target, reduction="sum")
     count = target.numel() if valid is None else valid.sum()
-    count = torch.as_tensor(count, dtype=logits.dtype)
-    both = global_sum(torch.stack([total, count.to(total)]), dec)
-    return both[0] / both[1].detach()
+    # Sums in fp64: a bf16 count of 10,000 voxels would round to 9,984.
+    count = torch.as_tensor(count, dtype=torch.float64, device=total.device)
+    both = global_sum(torch.stack([total.double(), count]), dec)
+    return (both[0] / both[1].detach()).to(total.dtype)
 
 
 def soft_dice_loss(

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from haloseg.errors import HalosegError
+
 __all__ = ["DistributedRunError", "free_port", "run_distributed"]
 
 
@@ -53,6 +55,8 @@ def _worker(
             timeout=datetime.timedelta(seconds=int(os.environ.get("HALOSEG_GLOO_TIMEOUT", "120"))),
         )
         results.put((rank, True, fn(*args)))
+    except HalosegError as e:  # bad input: the parent raises the same one-line error
+        results.put((rank, False, e))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -117,6 +121,8 @@ def run_distributed(
                     ) from None
                 continue
             if not ok:
+                if isinstance(value, HalosegError):
+                    raise value
                 raise DistributedRunError(f"rank {rank} of {fn.__name__} failed:\n{value}")
             out[rank] = value
     finally:

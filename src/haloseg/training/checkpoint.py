@@ -62,7 +62,10 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     manifest = Path(folder) / MANIFEST
     if not manifest.is_file():
         return None
-    return Path(folder) / json.loads(manifest.read_text())["file"]
+    try:
+        return Path(folder) / json.loads(manifest.read_text())["file"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"checkpoint manifest {manifest} is unreadable ({e})") from None
 
 
 def load_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -73,14 +76,17 @@ def load_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
     try:
         manifest = json.loads(manifest_path.read_text())
         path = Path(folder) / manifest["file"]
-        data = path.read_bytes()
-    except (OSError, ValueError, KeyError) as e:
+        data, digest = path.read_bytes(), manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"checkpoint manifest {manifest_path} is unreadable ({e})") from None
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+    if hashlib.sha256(data).hexdigest() != digest:
         raise DataError(
             f"checkpoint {path} does not match its SHA-256 in {manifest_path}; the file is "
             "corrupt: restore it or delete the manifest to start over"
         )
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError) as e:
+        raise DataError(f"checkpoint {path} cannot be loaded ({e})") from None
     log.info("restored %s (step %d)", path, manifest["step"])
     return state

@@ -89,7 +89,7 @@ class Trainer:
             return shape
         return padded_shape(shape, self.layout.dec.align, self.layout.dec.grid)
 
-    def _batch(self, dataset: Dataset, items: list[tuple[int, Augment]]) -> Block:
+    def batch(self, dataset: Dataset, items: list[tuple[int, Augment]]) -> Block:
         """Blocks of ``items`` (sample index, augmentation) stacked into a batch."""
         shapes = {self.padded(a.shape(dataset.info(i).shape)) for i, a in items}
         if len(shapes) > 1:
@@ -148,7 +148,7 @@ class Trainer:
         total = 0.0
         for k in range(t.accumulate):
             micro = self.step * t.accumulate + k
-            batch = agree(lambda m=micro: self._batch(self.train_set, self._draw(m)))
+            batch = agree(lambda m=micro: self.batch(self.train_set, self._draw(m)))
             sync = k == t.accumulate - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
@@ -176,7 +176,10 @@ class Trainer:
         identity = Augment.identity(self.val_set.spatial_dims)
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for index in range(self.layout.data_rank, len(self.val_set), self.layout.data_size):
-            batch = agree(lambda i=index: self._batch(self.val_set, [(i, identity)]))
+            # Replicas may hold different numbers of validation images: agree within the
+            # spatial group, whose ranks always read the same image.
+            batch = agree(lambda i=index: self.batch(self.val_set, [(i, identity)]),
+                          self.layout.dec.group)  # fmt: skip
             with self._autocast():
                 logits = self.model(batch.image)
             loss_sum += torch.tensor([self._loss(logits, batch).item(), 1.0])
@@ -209,12 +212,31 @@ class Trainer:
         if state is None:
             return False
         _check_channels(state["model"], self.train_set.in_channels)
-        self.weights.load_state_dict(state["model"])
+        _check_same_model(state["config"], self.cfg)
+        try:
+            self.weights.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ConfigError(
+                f"the checkpoint in {self.folder} does not fit this model "
+                f"({str(e).splitlines()[-1].strip()}); resume with the run's own config.yaml"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
         return True
+
+
+def _check_same_model(saved: dict[str, Any], cfg: RunConfig) -> None:
+    changed = [f"model.{k}" for k, v in saved.get("model", {}).items()
+               if getattr(cfg.model, k, v) != v]  # fmt: skip
+    if saved.get("data", {}).get("num_classes") != cfg.data.num_classes:
+        changed.append("data.num_classes")
+    if changed:
+        raise ConfigError(
+            f"resuming with {', '.join(changed)} changed from the checkpoint's run; resume with "
+            "the run's own config.yaml or start a new output_dir"
+        )
 
 
 def _check_channels(weights: dict[str, torch.Tensor], in_channels: int) -> None:
@@ -256,8 +278,15 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     # Every check before the run folder is touched: a refused run leaves nothing behind.
     # Image sizes against the grid now, not in the middle of the run.
     for dataset in (train_set, val_set):
-        for shape in {dataset.info(i).shape for i in range(len(dataset))}:
-            layout.dec.image_bounds(trainer.padded(shape))
+        shapes = {trainer.padded(dataset.info(i).shape) for i in range(len(dataset))}
+        for shape in shapes:
+            layout.dec.image_bounds(shape)
+        if dataset is train_set and len(shapes) > 1 and cfg.train.batch_size > 1:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} but the images come in shapes "
+                f"{sorted(shapes)[:3]}...; use train.batch_size=1 (and train.accumulate) for "
+                "datasets of differently sized images"
+            )
     if resume and trainer.restore():
         log.info("resuming at step %d", trainer.step)
     agree(lambda: prepare_run_folder(cfg.output_dir, resume=resume))
@@ -307,7 +336,8 @@ def _steps(trainer: Trainer, writer: Any, progress: bool) -> None:
             trainer.peak_rss_mib = max(trainer.peak_rss_mib, peak)
             trainer.peak_step_mib = max(trainer.peak_step_mib, peak - before)
             record = {"step": trainer.step, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0]}
-            if trainer.step % t.val_every == 0 or trainer.step == t.steps:
+            due = trainer.step % t.val_every == 0 or trainer.step == t.steps
+            if due and len(trainer.val_set):
                 record.update(trainer.validate())
                 dice = f"{record['dice_mean']:.3f}"
             trainer.history.append(record)
@@ -341,17 +371,20 @@ def final_metrics(trainer: Trainer) -> dict[str, Any]:
     """Final metrics (every rank); rank 0 writes ``metrics.json``."""
     last = next((h for h in reversed(trainer.history) if "val_loss" in h), None)
     if last is None:
-        last = {"step": trainer.step, **trainer.validate()}
+        last = {"step": trainer.step}
+        if len(trainer.val_set):
+            last.update(trainer.validate())
     metrics = {
         **{k: v for k, v in last.items() if k not in ("lr",)},
         "steps": trainer.step,
         **_costs(trainer),
         "processes": trainer.layout.world,
+        "rank": dist.get_rank() if dist.is_initialized() else 0,
         "grid": list(trainer.layout.dec.grid),
         "data_parallel": trainer.layout.data_size,
     }
     path = trainer.folder / "metrics.json"
-    if not trainer.step_seconds and path.is_file():
+    if not trainer.step_seconds and trainer.layout.is_main and path.is_file():
         # Nothing trained in this session (a finished run resumed): keep what was measured.
         before = json.loads(path.read_text())
         metrics.update({k: before[k] for k in _costs(trainer) if k in before})

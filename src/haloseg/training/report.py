@@ -71,13 +71,13 @@ def preview(trainer: Trainer, index: int) -> tuple[np.ndarray, np.ndarray, np.nd
     model, dec, dataset = trainer.model, trainer.layout.dec, trainer.val_set
     model.eval()
     identity = Augment.identity(dataset.spatial_dims)
-    batch = trainer._batch(dataset, [(index, identity)])
+    batch = trainer.batch(dataset, [(index, identity)])
     pred = model(batch.image).argmax(1, keepdim=True)
     s = _stride(trainer.padded(dataset.info(index).shape), dec.align)
     sub = (slice(None), slice(None), *[slice(None, None, s)] * dataset.spatial_dims)
     stack = torch.cat([batch.image[:, :1].double(), batch.label[:, None].double(),
                        pred.double(), batch.valid[:, None].double()], 1)  # fmt: skip
-    whole = dec.gather(stack[sub].contiguous())[0].numpy()
+    whole = dec.gather(stack[sub].contiguous())[0].cpu().numpy()
     if dataset.spatial_dims == 3:
         whole = whole[:, whole.shape[1] // 2]
     keep = tuple(slice(0, math.ceil(n / s)) for n in dataset.info(index).shape[-2:])

@@ -62,22 +62,25 @@ class Layout:
         return self.mesh.get_group("data") if self.mesh is not None else None
 
 
-def agree(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it raises on any, raise the same error on all."""
+def agree(fn: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
+    """Run ``fn`` on every rank of ``group`` (all if None); if it raises on any, raise the
+    same error on all."""
     error: BaseException | None = None
     try:
         result = fn()
     except HalosegError as e:
         error, result = e, None  # type: ignore[assignment]
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         if error is not None:
             raise error
         return result  # type: ignore[return-value]
     failed = torch.tensor([error is not None], dtype=torch.int64)
-    dist.all_reduce(failed)
+    dist.all_reduce(failed, group=group)
     if failed.item():
-        messages: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else (type(error), str(error)))
+        messages: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(
+            messages, None if error is None else (type(error), str(error)), group=group
+        )
         if error is not None:
             raise error
         cls, text = next(m for m in messages if m is not None)
@@ -111,8 +114,9 @@ def _join_torchrun(device: torch.device) -> None:
         is_master=rank == 0 and not agent_store, timeout=timeout,
     )  # fmt: skip
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # On GPUs, small CPU tensors (agreement flags, metric sums) still go through gloo.
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
         store=dist.PrefixStore(f"haloseg/attempt-{attempt}", store),
         rank=rank, world_size=world, timeout=timeout,
     )  # fmt: skip
