@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haloseg.bench.spatial import _reset_peak, _rss_kib
+from haloseg.bench.spatial import NEUTRAL, _reset_peak, _rss_kib
 from haloseg.data import EllipseDataset
+from haloseg.errors import ConfigError
 from haloseg.inference import plan_tiles, predict_tiled, predict_whole, receptive_field
 from haloseg.inference.tiles import aligned_tile, count_voxels
 from haloseg.models import unet_preset
@@ -64,21 +65,14 @@ SCENARIOS: dict[str, Scenario] = {
         haloseg=(("labels", 1024), ("labels", 2048), ("probabilities", 2048), ("logits", 2048)),
         monai=((512, 0.25), (1024, 0.25), (2048, 0.25), (512, 0.5), (1024, 0.5)),
     ),
-    # At 256³ a tile core of 64 puts 27 times the image through the network (the halo is 112
-    # per side): 128 is the only useful core below the whole image.
+    # The halo is 112 per side: at 256³ a tile core of 64 puts 27 times the image through the
+    # network, 128 puts 5.4 times; no core below the whole image does better.
     "3d-256": Scenario(
         shape=(256, 256, 256),
         train_shape=(64, 64, 64),
         train_steps=20,
         haloseg=(("labels", 128), ("probabilities", 128)),
         monai=((96, 0.25), (128, 0.25), (96, 0.5), (128, 0.5)),
-    ),
-    "3d-160": Scenario(
-        shape=(160, 160, 160),
-        train_shape=(64, 64, 64),
-        train_steps=20,
-        haloseg=(("labels", 80), ("probabilities", 80)),
-        monai=((96, 0.25), (96, 0.5)),
     ),
     # A smoke run of every code path in about a minute.
     "2d-1024": Scenario(
@@ -112,7 +106,7 @@ def _prepare(name: str, folder: str) -> dict[str, Any]:
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]))
     model = _model(len(sc.shape)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = 2 if len(sc.shape) == 2 else 1
     gen = torch.Generator().manual_seed(0)
     losses = []
@@ -200,6 +194,9 @@ def _worker(spec: dict[str, Any], folder: str) -> dict[str, Any]:
     model = _model(image.ndim - 1)
     model.load_state_dict(torch.load(Path(folder, "model.pt")))
     model.eval()
+    with torch.no_grad():
+        # Pages in the convolution code and sets up its kernels: not the method's memory.
+        model(torch.zeros(1, *image.shape[:1], *(64,) * (image.ndim - 1)))
     _reset_peak()
     base = _rss_kib("VmRSS")
     start, cpu = time.perf_counter(), time.process_time()
@@ -221,100 +218,91 @@ def _worker(spec: dict[str, Any], folder: str) -> dict[str, Any]:
 
 
 def _specs(sc: Scenario) -> list[dict[str, Any]]:
-    specs: list[dict[str, Any]] = [{"method": "whole", "settings": "one forward pass"}]
-    for output, tile in sc.haloseg:
-        specs.append(
-            {
-                "method": "haloseg",
-                "output": output,
-                "tile": tile,
-                "settings": f"tile {tile}, {output}",
-            }
-        )
-    for roi, overlap in sc.monai:
-        specs.append(
-            {
-                "method": "monai",
-                "roi": roi,
-                "overlap": overlap,
-                "settings": f"roi {roi}, overlap {overlap}, gaussian",
-            }
-        )
-    return specs
+    whole = {"method": "whole", "settings": "one forward pass"}
+    tiled = [
+        {"method": "haloseg", "output": o, "tile": t, "settings": f"tile {t}, {o}"}
+        for o, t in sc.haloseg
+    ]
+    monai = [
+        {"method": "monai", "roi": r, "overlap": o, "settings": f"roi {r}, overlap {o}, gaussian"}
+        for r, o in sc.monai
+    ]
+    return [whole, *tiled, *monai]
 
 
 def _work(spec: dict[str, Any], shape: tuple[int, ...]) -> float:
     """Voxels through the network per image voxel."""
+    dims = len(shape)
     if spec["method"] == "whole":
         return 1.0
-    model = _model(len(shape)).eval()
     if spec["method"] == "haloseg":
-        rf = receptive_field(model, len(shape))
-        computed, _ = count_voxels(
-            plan_tiles(shape, aligned_tile([spec["tile"]] * len(shape), rf.alignment), rf)
-        )
-        return computed / math.prod(shape)
+        rf = receptive_field(_model(dims).eval(), dims)
+        tiles = plan_tiles(shape, aligned_tile([spec["tile"]] * dims, rf.alignment), rf)
+        return count_voxels(tiles)[0] / math.prod(shape)
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    roi = (spec["roi"],) * len(shape)
-    interval = _get_scan_interval(shape, roi, len(shape), (spec["overlap"],) * len(shape))
-    windows = len(dense_patch_slices(shape, roi, interval))
-    return windows * math.prod(roi) / math.prod(shape)
+    roi = (spec["roi"],) * dims
+    interval = _get_scan_interval(shape, roi, dims, (spec["overlap"],) * dims)
+    return len(dense_patch_slices(shape, roi, interval)) * math.prod(roi) / math.prod(shape)
+
+
+def _is_labels(r: dict[str, Any]) -> bool:
+    return r["method"] == "haloseg" and r["output"] == "labels"
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Speed-up against MONAI (overlap 0.25, gaussian) at the window of haloseg's fastest
-    labels configuration."""
-    for name in {r["scenario"] for r in rows}:
+    """Speed-up against MONAI (overlap 0.25, gaussian) with the window side of haloseg's
+    fastest labels configuration's tile core."""
+    for name in dict.fromkeys(r["scenario"] for r in rows):
         mine = [r for r in rows if r["scenario"] == name]
-        labels = [r for r in mine if r["method"] == "haloseg" and r["output"] == "labels"]
-        best = min(labels, key=lambda r: r["wall_s"], default=None)
-        ref = next(
-            (
-                r
-                for r in mine
-                if best
-                and r["method"] == "monai"
-                and r["roi"] == best["tile"]
-                and r["overlap"] == 0.25
-            ),
-            None,
-        )
+        best = min(filter(_is_labels, mine), key=lambda r: r["wall_s"], default=None)
+        ref = None
+        if best is not None:
+            same = (r for r in mine if r["method"] == "monai" and r["overlap"] == 0.25)
+            ref = next((r for r in same if r["roi"] == best["tile"]), None)
         for r in mine:
             r["speedup_vs_monai"] = ref["wall_s"] / r["wall_s"] if ref else None
             r["speedup_reference"] = ref["settings"] if ref else None
 
 
-def run_inference_benchmark(
-    scenarios: list[str], *, threads: int = 1, timeout: float = 3600.0
-) -> list[dict[str, Any]]:
-    """Every configuration of each scenario, one fresh process after another; the rows."""
+def _scenario(name: str, threads: int, allocator: str, timeout: float) -> list[dict[str, Any]]:
+    sc = SCENARIOS[name]
+    env = NEUTRAL if allocator == "neutral" else {}
     rows = []
-    for name in scenarios:
-        sc = SCENARIOS[name]
-        with tempfile.TemporaryDirectory(prefix="haloseg-bench-infer-") as folder:
-            log.info("%s: training the network and writing the image", name)
-            start = time.perf_counter()
-            (trained,) = run_distributed(
-                _prepare, 1, name, folder, threads=threads, timeout=timeout
+    with tempfile.TemporaryDirectory(prefix="haloseg-bench-infer-") as folder:
+        log.info("%s: training the network and writing the image", name)
+        start = time.perf_counter()
+        (trained,) = run_distributed(_prepare, 1, name, folder, threads=threads, timeout=timeout)
+        log.info("%s: prepared in %.0f s", name, time.perf_counter() - start)
+        for spec in _specs(sc):
+            log.info("%s: %s, %s", name, spec["method"], spec["settings"])
+            work = _work(spec, sc.shape)
+            (out,) = run_distributed(
+                _worker, 1, spec, folder, threads=threads, env=env, timeout=timeout
             )
-            log.info("%s: prepared in %.0f s", name, time.perf_counter() - start)
-            for spec in _specs(sc):
-                log.info("%s: %s %s", name, spec["method"], spec["settings"])
-                (out,) = run_distributed(_worker, 1, spec, folder, threads=threads, timeout=timeout)
-                rows.append(
-                    {
-                        "scenario": name,
-                        "shape": list(sc.shape),
-                        "threads": threads,
-                        **spec,
-                        "work": _work(spec, sc.shape),
-                        **out,
-                        **trained,
-                    }
-                )
-                log.info("%s: %.1f s, %.0f MiB", name, out["wall_s"], out["peak_mib"])
+            log.info("%s: %.1f s, %.0f MiB", name, out["wall_s"], out["peak_mib"])
+            head = {"scenario": name, "shape": list(sc.shape), "threads": threads,
+                    "allocator": allocator}  # fmt: skip
+            rows.append({**head, **spec, "work": work, **out, **trained})
+    return rows
+
+
+def run_inference_benchmark(
+    scenarios: list[str], *, threads: int = 1, allocator: str = "default", timeout: float = 3600.0
+) -> list[dict[str, Any]]:
+    """Every configuration of each scenario, one fresh process after another; the rows.
+
+    ``threads``: torch threads per process. ``allocator``: ``default`` (glibc as is: the
+    resident set a user sees) or ``neutral`` (``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors
+    go back to the OS, so the peak tracks live tensors; large allocations get slower).
+    """
+    if allocator not in ("default", "neutral"):
+        raise ConfigError(f"allocator={allocator!r} must be 'default' or 'neutral'")
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ConfigError(f"unknown scenario(s) {unknown}; pick from {', '.join(SCENARIOS)}")
+    rows = [r for name in scenarios for r in _scenario(name, threads, allocator, timeout)]
     _add_speedups(rows)
     return rows
 
@@ -325,27 +313,16 @@ def equal_memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in rows:
         if m["method"] != "monai" or m["overlap"] != 0.25:
             continue
-        fits = [
-            r
-            for r in rows
-            if r["scenario"] == m["scenario"]
-            and r["method"] == "haloseg"
-            and r["output"] == "labels"
-            and r["peak_mib"] <= m["peak_mib"]
-        ]
+        fits = [r for r in rows if r["scenario"] == m["scenario"] and _is_labels(r)
+                and r["peak_mib"] <= m["peak_mib"]]  # fmt: skip
         best = min(fits, key=lambda r: r["wall_s"], default=None)
-        pairs.append(
-            {
-                "scenario": m["scenario"],
-                "monai": m["settings"],
-                "monai_peak_mib": m["peak_mib"],
-                "monai_wall_s": m["wall_s"],
-                "haloseg": best["settings"] if best else None,
-                "haloseg_peak_mib": best["peak_mib"] if best else None,
-                "haloseg_wall_s": best["wall_s"] if best else None,
-                "speedup": m["wall_s"] / best["wall_s"] if best else None,
-            }
-        )
+        pairs.append({
+            "scenario": m["scenario"], "monai": m["settings"], "monai_peak_mib": m["peak_mib"],
+            "monai_wall_s": m["wall_s"], "haloseg": best["settings"] if best else None,
+            "haloseg_peak_mib": best["peak_mib"] if best else None,
+            "haloseg_wall_s": best["wall_s"] if best else None,
+            "speedup": m["wall_s"] / best["wall_s"] if best else None,
+        })  # fmt: skip
     return pairs
 
 
@@ -353,57 +330,38 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+_HEAD = ["method", "settings", "wall s", "peak MiB", "work", "max abs diff", "max rel diff",
+         "labels differing", "speed-up"]  # fmt: skip
+
+
+def _row(r: dict[str, Any]) -> str:
+    cells = [r["method"], r["settings"], f"{r['wall_s']:.1f}", f"{r['peak_mib']:.0f}",
+             f"{r['work']:.2f}", _fmt(r["max_abs_diff"], ".1e"), _fmt(r["max_rel_diff"], ".1e"),
+             f"{r['label_mismatch']:.1e}", _fmt(r["speedup_vs_monai"], ".2f")]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def _pair(p: dict[str, Any]) -> str:
+    cells = [p["scenario"], p["monai"], f"{p['monai_peak_mib']:.0f}", f"{p['monai_wall_s']:.1f}",
+             p["haloseg"] or "none fits", _fmt(p["haloseg_peak_mib"], ".0f"),
+             _fmt(p["haloseg_wall_s"], ".1f"), _fmt(p["speedup"], ".2f")]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as Markdown: one table per scenario, then the equal-memory pairs."""
-    head = [
-        "method",
-        "settings",
-        "wall s",
-        "peak MiB",
-        "work",
-        "max abs diff",
-        "max rel diff",
-        "labels differing",
-        "speed-up",
-    ]
     parts = []
     for name in dict.fromkeys(r["scenario"] for r in rows):
         mine = [r for r in rows if r["scenario"] == name]
-        ref = mine[0]["speedup_reference"]
-        lines = [
-            f"**{name}**, {mine[0]['threads']} thread(s); speed-up against MONAI {ref}",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|---|---|" + "---:|" * (len(head) - 2),
-        ]
-        for r in mine:
-            cells = [
-                r["method"],
-                r["settings"],
-                f"{r['wall_s']:.1f}",
-                f"{r['peak_mib']:.0f}",
-                f"{r['work']:.2f}",
-                _fmt(r["max_abs_diff"], ".2e"),
-                _fmt(r["max_rel_diff"], ".2e"),
-                f"{r['label_mismatch']:.2e}",
-                _fmt(r["speedup_vs_monai"], ".2f"),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+        first = mine[0]
+        title = (f"**{name}**, {first['threads']} thread(s), {first['allocator']} allocator; "
+                 f"speed-up against MONAI {first['speedup_reference'] or '(not run)'}")  # fmt: skip
+        table = ["| " + " | ".join(_HEAD) + " |", "|---|---|" + "---:|" * (len(_HEAD) - 2)]
+        parts.append("\n".join([title, "", *table, *map(_row, mine)]))
     pairs = equal_memory(rows)
     if pairs:
-        lines = [
-            "**At equal or lower peak memory** (haloseg labels vs MONAI, overlap 0.25)",
-            "",
-            "| scenario | MONAI | MiB | s | haloseg | MiB | s | speed-up |",
-            "|---|---|---:|---:|---|---:|---:|---:|",
-        ]
-        for p in pairs:
-            lines.append(
-                f"| {p['scenario']} | {p['monai']} | {p['monai_peak_mib']:.0f} | "
-                f"{p['monai_wall_s']:.1f} | {p['haloseg'] or 'none fits'} | "
-                f"{_fmt(p['haloseg_peak_mib'], '.0f')} | {_fmt(p['haloseg_wall_s'], '.1f')} | "
-                f"{_fmt(p['speedup'], '.2f')} |"
-            )
-        parts.append("\n".join(lines))
+        title = "**At equal or lower peak memory**: haloseg labels against MONAI, overlap 0.25"
+        table = ["| scenario | MONAI | MiB | s | haloseg | MiB | s | speed-up |",
+                 "|---|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+        parts.append("\n".join([title, "", *table, *map(_pair, pairs)]))
     return "\n\n".join(parts) + "\n"

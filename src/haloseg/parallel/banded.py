@@ -17,6 +17,8 @@ import torch
 
 from haloseg.geometry import Box, HaloPlan, intersect, to_local
 from haloseg.parallel.comm import (
+    _amp_backward,
+    _amp_forward,
     add_incoming,
     box_slices,
     save_halos,
@@ -91,6 +93,7 @@ class BandedConv(torch.autograd.Function):
     convolution whose output blocks are its input blocks."""
 
     @staticmethod
+    @_amp_forward
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         spec: BandedSpec,
@@ -110,6 +113,7 @@ class BandedConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec = ctx.spec
         x, weight, received = saved_halos(ctx)

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 
 from haloseg.geometry import Box, HaloPlan, to_local
 
+# Under CUDA autocast, backward runs with the dtypes and autocast state of forward.
+_amp_forward = torch.amp.custom_fwd(device_type="cuda")
+_amp_backward = torch.amp.custom_bwd(device_type="cuda")
+
 __all__ = [
     "HaloExchange",
     "Padding",
@@ -371,6 +375,7 @@ class HaloExchange(torch.autograd.Function):
     """``x (N, C, *block) -> window (N, C, *window)``; backward adds halo gradients to owners."""
 
     @staticmethod
+    @_amp_forward
     def forward(
         ctx: Any,
         x: torch.Tensor,
@@ -385,6 +390,7 @@ class HaloExchange(torch.autograd.Function):
         return buf.clone() if buf is x else buf
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, grad_buf: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x, grad_pieces = assemble_adjoint(grad_buf, ctx.x_shape, ctx.plan, ctx.padding)
         grad_x = return_halo_grads(grad_x, grad_pieces, ctx.plan, ctx.peers, ctx.group)

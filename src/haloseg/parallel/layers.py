@@ -37,6 +37,8 @@ from haloseg.parallel.banded import BandedConv, BandedSpec
 from haloseg.parallel.comm import (
     HaloExchange,
     Padding,
+    _amp_backward,
+    _amp_forward,
     assemble,
     assemble_adjoint,
     box_slices,
@@ -190,6 +192,7 @@ class _HaloConv(torch.autograd.Function):
     window: no activation is held twice. The window is rebuilt in backward (a copy)."""
 
     @staticmethod
+    @_amp_forward
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: _ConvSpec
     ) -> torch.Tensor:
@@ -202,6 +205,7 @@ class _HaloConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec = ctx.spec
         x, weight, received = saved_halos(ctx)

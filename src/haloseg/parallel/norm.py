@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import gather_small, sum_small, timed
+from haloseg.parallel.comm import _amp_backward, _amp_forward, gather_small, sum_small, timed
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["GlobalNormalize", "global_moments"]
@@ -47,6 +47,7 @@ class GlobalNormalize(torch.autograd.Function):
     run PyTorch's fused batch-norm kernels and add the global correction terms."""
 
     @staticmethod
+    @_amp_forward
     def forward(
         ctx: Any,
         x: torch.Tensor,
@@ -75,6 +76,7 @@ class GlobalNormalize(torch.autograd.Function):
         return y.view(x.shape).detach()
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, var = ctx.saved_tensors
         xv = x.reshape(ctx.view)

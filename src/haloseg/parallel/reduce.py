@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import timed
+from haloseg.parallel.comm import _amp_backward, _amp_forward, timed
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["accuracy", "cross_entropy", "global_max", "global_sum", "soft_dice_loss"]
@@ -23,6 +23,7 @@ __all__ = ["accuracy", "cross_entropy", "global_max", "global_sum", "soft_dice_l
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
+    @_amp_forward
     def forward(ctx: Any, t: torch.Tensor, dec: Decomposition, replicated: bool) -> torch.Tensor:
         ctx.dec, ctx.replicated = dec, replicated
         out = t.clone()
@@ -32,6 +33,7 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.replicated or ctx.dec.size == 1:
             return g, None, None
@@ -55,6 +57,7 @@ class _GlobalMax(torch.autograd.Function):
     in row-major order of the whole image, as PyTorch's adaptive max pooling does."""
 
     @staticmethod
+    @_amp_forward
     def forward(ctx: Any, x: torch.Tensor, dec: Decomposition) -> torch.Tensor:
         n, c = x.shape[:2]
         flat = x.reshape(n, c, -1)
@@ -81,6 +84,7 @@ class _GlobalMax(torch.autograd.Function):
         return best.view(n, c, *([1] * (x.dim() - 2)))
 
     @staticmethod
+    @_amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (local_arg,) = ctx.saved_tensors
         g = g.reshape(local_arg.shape).clone()
