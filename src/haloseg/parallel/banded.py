@@ -20,6 +20,7 @@ from haloseg.parallel.comm import (
     _amp_backward,
     _amp_forward,
     add_incoming,
+    autocast_inputs,
     box_slices,
     save_halos,
     saved_halos,
@@ -98,6 +99,7 @@ class BandedConv(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         spec: BandedSpec,
     ) -> torch.Tensor:  # fmt: skip
+        x, weight, bias = autocast_inputs(x, weight, bias)
         # The block's own convolution needs no halo: it runs while the halo travels.
         received, requests = start_exchange(x, spec.plan, spec.dec.peers, spec.dec.group)
         out = _conv(x, weight, bias, spec, spec.padding)

@@ -24,6 +24,21 @@ from haloseg.geometry import Box, HaloPlan, to_local
 _amp_forward = torch.amp.custom_fwd(device_type="cuda")
 _amp_backward = torch.amp.custom_bwd(device_type="cuda")
 
+
+def autocast_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A convolution's operands in the autocast dtype, when CUDA autocast is on.
+
+    Autocast does not reach ``aten.convolution_backward``, which the custom backwards call:
+    they must find the operands saved in the dtype the forward computed in.
+    """
+    if not x.is_cuda or not torch.is_autocast_enabled("cuda"):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype("cuda")
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 __all__ = [
     "HaloExchange",
     "Padding",

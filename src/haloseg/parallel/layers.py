@@ -41,6 +41,7 @@ from haloseg.parallel.comm import (
     _amp_forward,
     assemble,
     assemble_adjoint,
+    autocast_inputs,
     box_slices,
     exchange,
     return_halo_grads,
@@ -196,6 +197,7 @@ class _HaloConv(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: _ConvSpec
     ) -> torch.Tensor:
+        x, weight, bias = autocast_inputs(x, weight, bias)
         received = exchange(x, spec.plan, spec.dec.peers, spec.dec.group)
         out = _run_conv(assemble(x, received, spec.plan, spec.padding), weight, bias, spec)
         ctx.spec, ctx.has_bias, ctx.full_shape = spec, bias is not None, out.shape
