@@ -65,6 +65,29 @@ def _train(args: argparse.Namespace, console: Console) -> None:
         console.print(f"outputs: {cfg.output_dir}/")
 
 
+def _infer(args: argparse.Namespace, console: Console) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from haloseg.inference.budget import parse_bytes
+    from haloseg.inference.run import infer
+
+    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    with Progress("[bold]infer", BarColumn(), MofNCompleteColumn(), "tiles",
+                  TimeRemainingColumn(), disable=args.no_progress) as bar:  # fmt: skip
+        task = bar.add_task("infer", total=None)
+        result = infer(
+            args.checkpoint, args.input, args.output, tile=args.tile, max_memory=budget,
+            output=args.output_type, batch_size=args.batch_size, device=args.device,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            preview=args.preview,
+        )  # fmt: skip
+    console.print(
+        f"wrote {args.output}: {'x'.join(map(str, result['shape']))}, tiles of "
+        f"{'x'.join(map(str, result['tile']))} + halo {result['halo'][0]} per side"
+        + (f", preview {args.preview}" if args.preview else "")
+    )
+
+
 def _data_synth(args: argparse.Namespace, console: Console) -> None:
     from haloseg.data import EllipseDataset, export_dataset
 
@@ -155,6 +178,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+    inf = sub.add_parser("infer", help="exact tiled inference of an image file")
+    inf.add_argument("--checkpoint", required=True, help="run folder or checkpoint .pt")
+    inf.add_argument("--input", required=True, help=".npy, .zarr, .tif, .nii(.gz) image")
+    inf.add_argument("--output", required=True, help=".npy, .zarr, .tif or .nii(.gz) result")
+    inf.add_argument("--tile", type=int, nargs="+", help="tile core size (one or per axis)")
+    inf.add_argument("--max-memory", help="choose the tile from a budget, e.g. 2GB")
+    inf.add_argument("--output-type", default="labels",
+                     choices=["labels", "probabilities", "logits"])  # fmt: skip
+    inf.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
+    inf.add_argument("--device", default="cpu", help="cpu or cuda")
+    inf.add_argument("--preview", help="write a downsampled overlay PNG here")
+    inf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inf.set_defaults(run=_infer)
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="write synthetic ellipses/ellipsoids to disk")

@@ -89,6 +89,7 @@ def predict_tiled(
     read_ahead: int = 2,
     rf: ReceptiveField | None = None,
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Any:
     """Exactly what one forward pass over the whole ``image`` gives, computed tile by tile.
 
@@ -97,7 +98,8 @@ def predict_tiled(
     the halo comes from ``receptive_field``. ``output``: ``labels`` (uint8 arg-max),
     ``probabilities`` or ``logits`` (``(C', *spatial)``). ``out``: where to write (a NumPy
     array, memmap or zarr array of the right shape); allocated in memory if omitted
-    (float16 scores). ``progress(done, total)`` is called after every batch.
+    (float16 scores). ``progress(done, total)`` is called after every batch. ``part=(k, n)``
+    runs only every n-th tile from the k-th (one of n processes writing into a shared ``out``).
     """
     spatial_dims = len(image.shape) - 1
     if len(tile_size) != spatial_dims:
@@ -108,6 +110,7 @@ def predict_tiled(
     model = model.eval()
     rf = rf or receptive_field(model, spatial_dims)
     tiles = plan_tiles(image.shape[1:], aligned_tile(tile_size, rf.alignment), rf)
+    tiles = tiles[part[0] :: part[1]]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     merger: Merger | None = None

@@ -195,6 +195,11 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "model": self.weights.state_dict(),
+            "model_args": {
+                "spatial_dims": self.train_set.spatial_dims,
+                "in_channels": self.train_set.in_channels,
+                "out_channels": self.train_set.num_classes,
+            },
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
