@@ -61,6 +61,22 @@ def _args_from_weights(weights: dict[str, torch.Tensor]) -> dict[str, int]:
             "out_channels": convs[-1].shape[0]}  # fmt: skip
 
 
+def _release_large_frees() -> None:
+    """Make glibc return freed blocks of 4 MiB and more to the OS at once.
+
+    By default glibc raises its mmap threshold after the first large free, so later tile
+    activations come from the heap and stay resident after they are freed: the process
+    would grow past its budget with memory it no longer uses.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -84,6 +100,7 @@ def infer(
     preview: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Predict ``source`` into ``target`` exactly as whole-image inference would."""
+    _release_large_frees()
     model, args = load_model(checkpoint)
     dims = args["spatial_dims"]
     model = model.to(device)
