@@ -159,6 +159,30 @@ def _bench_train(args: argparse.Namespace, console: Console) -> None:
     _emit(args, console, table, markdown(rows), rows)
 
 
+def _bench_infer(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.bench.inference import SCENARIOS, markdown, run_inference_benchmark
+
+    unknown = [s for s in args.scenario if s not in SCENARIOS]
+    if unknown:
+        raise HalosegError(
+            f"scenario {unknown[0]!r} is not one of {', '.join(SCENARIOS)}; pick from those"
+        )
+    rows = run_inference_benchmark(args.scenario, threads=args.threads, allocator=args.allocator)
+    table = Table(title="tiled inference against whole-image and MONAI sliding window")
+    for col in ("scenario", "method", "settings", "wall s", "peak MiB", "max rel diff",
+                "labels differing", "speed-up"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        rel = r.get("max_rel_diff")
+        table.add_row(
+            r["scenario"], r["method"], r["settings"], f"{r['wall_s']:.1f}",
+            f"{r['peak_mib']:.0f}", "—" if rel is None else f"{rel:.1e}",
+            "—" if r.get("label_mismatch") is None else f"{r['label_mismatch']:.1e}",
+            "—" if r.get("speedup_vs_monai") is None else f"{r['speedup_vs_monai']:.2f}",
+        )  # fmt: skip
+    _emit(args, console, table, markdown(rows), rows)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haloseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -224,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
     btrain.add_argument("--json", help="write the rows and the machine to this JSON file")
     btrain.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     btrain.set_defaults(run=_bench_train)
+    binfer = bsub.add_parser("infer", help="tiled inference vs whole image vs MONAI")
+    binfer.add_argument("--scenario", nargs="+", default=["2d-8192", "3d-256"])
+    binfer.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    binfer.add_argument("--allocator", default="default", choices=["default", "neutral"])
+    binfer.add_argument("--json", help="write the rows and the machine to this JSON file")
+    binfer.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    binfer.set_defaults(run=_bench_infer)
     return parser
 
 
