@@ -41,22 +41,35 @@ def predict_whole(model: nn.Module, image: torch.Tensor, alignment: int) -> torc
     return out[(slice(None), slice(None), *(slice(0, n) for n in shape))]
 
 
+def _upload(x: torch.Tensor, device: torch.device, stream: Any) -> tuple[torch.Tensor, Any]:
+    """Copy a batch to the GPU on the copy stream; the event marks when it has arrived."""
+    with torch.cuda.stream(stream):
+        x = x.pin_memory().to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return x, done
+
+
 def _read_ahead(
-    source: Any, groups: list[list[Tile]], depth: int, pin: bool
+    source: Any, groups: list[list[Tile]], depth: int, device: torch.device
 ) -> Iterator[tuple[list[Tile], torch.Tensor]]:
-    """Yield (tiles, stacked input) while a thread reads the next ``depth`` batches."""
+    """Yield (tiles, stacked input) while a thread reads the next ``depth`` batches.
+
+    On a GPU the thread also uploads each batch on a stream of its own, so the copy of the
+    next batch overlaps the model running on the current one.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def work() -> None:
         try:
             for group in groups:
                 x = torch.from_numpy(np.stack([read_tile(source, t) for t in group]))
-                if pin:
-                    x = x.pin_memory()
+                item = (group, *(_upload(x, device, stream) if stream else (x, None)))
                 while not stop.is_set():
                     try:
-                        q.put((group, x), timeout=0.1)
+                        q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -72,7 +85,12 @@ def _read_ahead(
         while (item := q.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            group, x, arrived = item
+            if arrived is not None:
+                # Compute waits for the copy; the tensor's memory waits for the compute.
+                torch.cuda.current_stream(device).wait_event(arrived)
+                x.record_stream(torch.cuda.current_stream(device))
+            yield group, x
     finally:
         stop.set()
         thread.join()
@@ -126,7 +144,7 @@ def predict_tiled(
     done = 0
     groups = list(batches(tiles, batch_size))
     with torch.no_grad():
-        for group, x in _read_ahead(image, groups, read_ahead, device.type == "cuda"):
+        for group, x in _read_ahead(image, groups, read_ahead, device):
             x = x.to(device, dtype, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=fmt)
