@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "demo_config",
     "load_config",
+    "timing_config",
     "save_config",
 ]
 
@@ -351,3 +352,12 @@ def demo_config(folder: str, *, steps: int = 200, size: int = 256) -> RunConfig:
         parallel=ParallelConfig(grid=list(GRID)),
         train=TrainConfig(steps=steps, batch_size=2, val_every=50, checkpoint_every=100),
     )
+
+
+def timing_config(cfg: RunConfig, grid: list[int], **train: Any) -> RunConfig:
+    """``cfg`` on another ``grid``, validating and checkpointing only at its end: a run
+    measured for its cost (``train`` replaces training settings, e.g. ``steps``)."""
+    return dataclasses.replace(
+        cfg, parallel=ParallelConfig(grid=list(grid)),
+        train=dataclasses.replace(cfg.train, val_every=10**6, checkpoint_every=10**6, **train),
+    )  # fmt: skip

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haloseg.bench.spatial import NEUTRAL, _reset_peak, _rss_kib
+from haloseg.bench.spatial import NEUTRAL
 from haloseg.data import EllipseDataset
 from haloseg.errors import ConfigError
 from haloseg.inference import plan_tiles, predict_tiled, predict_whole, receptive_field
 from haloseg.inference.tiles import aligned_tile, count_voxels
 from haloseg.models import unet_preset
 from haloseg.parallel.spawn import run_distributed
+from haloseg.resident import reset_peak, resident_kib
 
 __all__ = ["SCENARIOS", "Scenario", "equal_memory", "markdown", "run_inference_benchmark"]
 
@@ -213,13 +214,13 @@ def _worker(spec: dict[str, Any], folder: str) -> dict[str, Any]:
     with torch.no_grad():
         # Pages in the convolution code and sets up its kernels: not the method's memory.
         model(torch.zeros(1, *image.shape[:1], *(64,) * (image.ndim - 1)))
-    _reset_peak()
-    base = _rss_kib("VmRSS")
+    reset_peak()
+    base = resident_kib("VmRSS")
     start, cpu = time.perf_counter(), time.process_time()
     result = _run(spec, model, image)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = (_rss_kib("VmHWM") - base) / 1024
-    total = _rss_kib("VmHWM") / 1024
+    peak = (resident_kib("VmHWM") - base) / 1024
+    total = resident_kib("VmHWM") / 1024
     reference = Path(folder, "reference.npy")
     if spec["method"] == "whole":
         np.save(reference, result)

@@ -28,6 +28,7 @@ from haloseg.models import unet_preset
 from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
 from haloseg.parallel.comm import comm_cpu_times, comm_times, reset_comm_times
 from haloseg.parallel.spawn import run_distributed
+from haloseg.resident import reset_peak, resident_kib
 
 __all__ = ["SCENARIOS", "Result", "markdown", "report", "run_spatial_benchmark", "write_json"]
 
@@ -57,18 +58,6 @@ class Result:
     """CPU time of the worst rank's process inside communication calls."""
 
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} missing from /proc/self/status")
-
-
-def _reset_peak() -> None:
-    # Writing 5 resets the peak resident set (VmHWM) to the current one (Linux >= 4.0).
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str, Any]:
     shape = SCENARIOS[scenario]["shape"]
     torch.manual_seed(0)
@@ -87,14 +76,14 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
             dist.barrier()
         reset_comm_times()
         net.zero_grad(set_to_none=True)
-        _reset_peak()
-        base = _rss_kib("VmRSS")
+        reset_peak()
+        base = resident_kib("VmRSS")
         start, cpu = time.perf_counter(), time.process_time()
         y = net(x)
         loss = F.cross_entropy(y, target) if grid is None else cross_entropy(y, target, dec)
         loss.backward()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        peak = _rss_kib("VmHWM") - base
+        peak = resident_kib("VmHWM") - base
         del y, loss
         if step:  # the first step warms up caches and plans
             times.append(elapsed)

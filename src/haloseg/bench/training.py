@@ -8,14 +8,13 @@ process's peak).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import statistics
 import tempfile
 from typing import Any
 
 from haloseg.bench.spatial import NEUTRAL
-from haloseg.config import ParallelConfig, RunConfig, demo_config
+from haloseg.config import RunConfig, demo_config, timing_config
 from haloseg.parallel.spawn import run_distributed
 from haloseg.training import build_trainer, final_metrics, fit
 
@@ -37,11 +36,7 @@ def _worker(cfg: RunConfig) -> dict[str, Any]:
 
 def _one(ranks: int, steps: int, size: int, allocator: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="haloseg-bench-") as tmp:
-        cfg = demo_config(tmp, steps=steps, size=size)
-        cfg = dataclasses.replace(
-            cfg, parallel=ParallelConfig(grid=list(GRIDS[ranks])),
-            train=dataclasses.replace(cfg.train, val_every=10**6, checkpoint_every=10**6),
-        )  # fmt: skip
+        cfg = timing_config(demo_config(tmp, steps=steps, size=size), list(GRIDS[ranks]))
         env = NEUTRAL if allocator == "neutral" else {}
         out = run_distributed(_worker, ranks, cfg, env=env, timeout=3600, threads=1)
     # A step ends for everyone at the last collective: the slowest rank's median sets the pace.

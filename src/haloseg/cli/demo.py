@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from haloseg.config import GRID as GRID
-from haloseg.config import ParallelConfig, RunConfig, demo_config
+from haloseg.config import RunConfig, demo_config, timing_config
 from haloseg.parallel.spawn import run_distributed
 from haloseg.training import train
 
@@ -77,10 +77,8 @@ def run_demo(
     ranks = run_distributed(_train, world, cfg, progress, timeout=1800, threads=1)
     with tempfile.TemporaryDirectory(prefix="haloseg-single-") as tmp:
         single_cfg = dataclasses.replace(
-            cfg, output_dir=tmp, parallel=ParallelConfig(grid=[1, 1]),
-            train=dataclasses.replace(cfg.train, steps=SINGLE_STEPS, val_every=10**6,
-                                      checkpoint_every=10**6),
-        )  # fmt: skip
+            timing_config(cfg, [1, 1], steps=SINGLE_STEPS), output_dir=tmp
+        )
         (single,) = run_distributed(_single, 1, single_cfg, timeout=900, threads=1)
     rows = _comparison(ranks, single)
     path = Path(folder)

@@ -183,6 +183,11 @@ def _bench_infer(args: argparse.Namespace, console: Console) -> None:
     _emit(args, console, table, markdown(rows), rows)
 
 
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", help="write the rows and the machine to this JSON file")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haloseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -236,8 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     spatial.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     spatial.add_argument("--allocator", nargs="+", default=["default", "neutral"],
                          choices=["default", "neutral"])  # fmt: skip
-    spatial.add_argument("--json", help="write the rows and the machine to this JSON file")
-    spatial.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    _output_args(spatial)
     spatial.set_defaults(run=_bench_spatial)
     btrain = bsub.add_parser("train", help="training throughput of the demo task, 1/2/4 ranks")
     btrain.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4], choices=[1, 2, 4])
@@ -245,15 +249,13 @@ def _parser() -> argparse.ArgumentParser:
     btrain.add_argument("--size", type=int, default=256, help="image side")
     btrain.add_argument("--allocator", nargs="+", default=["default", "neutral"],
                         choices=["default", "neutral"])  # fmt: skip
-    btrain.add_argument("--json", help="write the rows and the machine to this JSON file")
-    btrain.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    _output_args(btrain)
     btrain.set_defaults(run=_bench_train)
     binfer = bsub.add_parser("infer", help="tiled inference vs whole image vs MONAI")
     binfer.add_argument("--scenario", nargs="+", default=["2d-8192", "3d-256"])
     binfer.add_argument("--threads", type=int, default=1, help="torch threads per run")
     binfer.add_argument("--allocator", default="default", choices=["default", "neutral"])
-    binfer.add_argument("--json", help="write the rows and the machine to this JSON file")
-    binfer.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    _output_args(binfer)
     binfer.set_defaults(run=_bench_infer)
     return parser
 

@@ -26,6 +26,7 @@ from haloseg.inference.predict import predict_tiled
 from haloseg.inference.receptive import receptive_field
 from haloseg.inference.tiles import aligned_tile
 from haloseg.models import unet_preset
+from haloseg.resident import resident_kib
 from haloseg.training.checkpoint import load_checkpoint
 
 __all__ = ["infer", "load_model"]
@@ -110,7 +111,7 @@ def infer(
         if max_memory is None:
             raise ConfigError("give --tile or --max-memory (e.g. --max-memory 2GB)")
         # The budget covers the whole process: what is resident already is spent.
-        budget = max_memory - _resident_bytes() - _model_bytes(model)
+        budget = max_memory - (resident_kib() or 0) * 1024 - _model_bytes(model)
         tile = tile_for_budget(model, rf, dims, args["in_channels"], args["out_channels"],
                                budget, batch_size=batch_size)  # fmt: skip
     elif len(tile) == 1:
@@ -153,16 +154,6 @@ def infer(
 def _staged(target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.tmp")
     return tmp if target.suffix == ".zarr" else tmp.with_name(tmp.name + ".npy")
-
-
-def _resident_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _model_bytes(model: nn.Module) -> int:

@@ -27,6 +27,7 @@ from haloseg.config import RunConfig, save_config
 from haloseg.data.base import Dataset
 from haloseg.errors import ConfigError
 from haloseg.parallel import cross_entropy, soft_dice_loss
+from haloseg.resident import reset_peak, resident_kib
 from haloseg.training.checkpoint import load_checkpoint, save_checkpoint
 from haloseg.training.metrics import DiceTracker
 from haloseg.training.samples import Augment, Block, draw_augment, padded_shape, read_block
@@ -44,20 +45,9 @@ __all__ = ["Trainer", "build_trainer", "final_metrics", "fit"]
 log = logging.getLogger(__name__)
 
 
-def _rss_mib(name: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak since the last reset) of this process."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+def _rss_mib(field: str) -> float:
+    kib = resident_kib(field)
+    return float("nan") if kib is None else kib / 1024
 
 
 @dataclass
@@ -332,7 +322,7 @@ def _steps(trainer: Trainer, writer: Any, progress: bool) -> None:
     with _progress(progress and trainer.layout.is_main) as bar:
         task = bar.add_task("train", total=t.steps, completed=trainer.step, loss=0.0, dice=dice)
         while trainer.step < t.steps:
-            _reset_peak_rss()
+            reset_peak()
             before = _rss_mib("VmRSS")
             start = time.perf_counter()
             loss = trainer.train_step()
