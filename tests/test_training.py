@@ -186,3 +186,15 @@ def test_replicas_with_different_numbers_of_validation_images(tmp_path):
                   "train.batch_size=1", "train.accumulate=1", "train.dtype=float32")  # fmt: skip
     history, _ = _run(cfg, 2)
     assert "dice_mean" in history[-1] and history[-1]["val_loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [["memory.checkpoint=true"], ["memory.swap=all", "memory.checkpoint=true"]],
+    ids=["checkpoint", "swap+checkpoint"],
+)
+def test_memory_savers_train_like_one_process(memory, single_run, tmp_path):
+    """Checkpointing and swapping under the spatial engine: the same losses, metrics, weights
+    and BatchNorm running statistics (each batch counted once) as one plain process."""
+    cfg = _config(str(tmp_path), "parallel.grid=[1,2]", *memory)
+    _assert_same_run(_run(cfg, 2), single_run)

@@ -9,6 +9,7 @@ from haloseg.errors import (
     UnsupportedLayerError,
 )
 from haloseg.inference import ReceptiveField, predict_tiled, receptive_field
+from haloseg.memory import ActivationSwapper, checkpoint_levels, plan, step_memory
 from haloseg.models import UNet, unet_preset
 from haloseg.parallel import (
     Decomposition,
@@ -23,6 +24,7 @@ from haloseg.training import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationSwapper",
     "ConfigError",
     "DataError",
     "Decomposition",
@@ -33,13 +35,16 @@ __all__ = [
     "UNet",
     "UnsupportedLayerError",
     "accuracy",
+    "checkpoint_levels",
     "cross_entropy",
     "global_sum",
     "load_config",
+    "plan",
     "predict_tiled",
     "receptive_field",
     "soft_dice_loss",
     "spatial_parallel",
+    "step_memory",
     "train",
     "unet_preset",
 ]

@@ -21,6 +21,7 @@ from haloseg.errors import ConfigError
 
 __all__ = [
     "DataConfig",
+    "MemoryConfig",
     "ModelConfig",
     "ParallelConfig",
     "RunConfig",
@@ -192,6 +193,44 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, ("float32", "float64"))
 
 
+SWAP_POLICIES = ("none", "all", "skips", "min_bytes", "budget")
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """Memory savers: activation swapping to host memory and checkpointing per U-Net level."""
+
+    swap: str = "none"
+    """Saved activations to host: none | all | skips (the encoder levels that feed skip
+    connections) | min_bytes (tensors of at least swap_min_bytes) | budget (what exceeds
+    swap_budget)."""
+    swap_min_bytes: int = 1 << 20
+    """Smallest tensor swapped by the min_bytes policy."""
+    swap_budget: str | None = None
+    """Device bytes of saved activations kept before swapping starts, e.g. 20GB (budget)."""
+    prefetch: int = 2
+    """Swapped tensors brought back ahead of their use in backward."""
+    checkpoint: bool = False
+    """Keep only each U-Net level's input and recompute the level in backward."""
+    device_memory: str | None = None
+    """Memory of one device, for ``haloseg train --plan`` to say whether the run fits."""
+
+    def __post_init__(self) -> None:
+        _choice("memory.swap", self.swap, SWAP_POLICIES)
+        _positive("memory.prefetch", self.prefetch, zero=True)
+        _positive("memory.swap_min_bytes", self.swap_min_bytes)
+        if self.swap == "budget" and self.swap_budget is None:
+            raise ConfigError(
+                "memory.swap=budget needs memory.swap_budget, e.g. memory.swap_budget=20GB"
+            )
+        for name in ("swap_budget", "device_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                from haloseg.inference.budget import parse_bytes
+
+                parse_bytes(value)
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """One training run."""
@@ -206,6 +245,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -296,6 +336,7 @@ _NESTED: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
     "train": TrainConfig,
+    "memory": MemoryConfig,
 }
 
 

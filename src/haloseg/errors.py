@@ -6,6 +6,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DecompositionError",
+    "DependencyError",
     "HalosegError",
     "UnsupportedLayerError",
 ]
@@ -29,3 +30,7 @@ class UnsupportedLayerError(HalosegError, TypeError):
 
 class DataError(HalosegError, ValueError):
     """Input data is missing, malformed or of the wrong shape."""
+
+
+class DependencyError(HalosegError, ImportError):
+    """An optional dependency is missing; the message names the extra that installs it."""

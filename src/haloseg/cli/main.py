@@ -11,7 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from haloseg.errors import HalosegError
+from haloseg.cli import plan as plan_cli
+from haloseg.cli import tune as tune_cli
+from haloseg.errors import ConfigError, HalosegError
 
 __all__ = ["main"]
 
@@ -54,6 +56,9 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     from haloseg.training import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        plan_cli.plan_run(cfg, console)
+        return
     try:
         metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
     finally:
@@ -183,6 +188,28 @@ def _bench_infer(args: argparse.Namespace, console: Console) -> None:
     _emit(args, console, table, markdown(rows), rows)
 
 
+def _bench_memory(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.bench.memory import CONFIGS, markdown, run_memory_benchmark
+
+    configs = tuple(c for c in CONFIGS if not args.only or any(o in c.name for o in args.only))
+    if not configs:
+        raise ConfigError(f"--only {args.only} matches no configuration; names: "
+                          + ", ".join(c.name for c in CONFIGS))  # fmt: skip
+    if args.swap_gpu_json:
+        from haloseg.bench.memory import swap_benchmark_rows
+
+        rows = swap_benchmark_rows(args.swap_gpu_json)
+    else:
+        rows = run_memory_benchmark(configs, device=args.device, scale=args.scale)
+    table = Table(title=f"memory model: predicted vs measured peak per device ({args.device})")
+    for col in ("config", "image", "predicted MiB", "measured MiB", "predicted / measured"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["config"], r["image"], f"{r['predicted_mib']:.1f}",
+                      f"{r['measured_mib']:.1f}", f"{r['ratio']:.3f}")  # fmt: skip
+    _emit(args, console, table, markdown(rows), rows)
+
+
 def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the rows and the machine to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -206,6 +233,9 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the run folder's last checkpoint"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--plan", action="store_true", help="print the predicted memory per device and stop"
+    )
     train.set_defaults(run=_train)
     inf = sub.add_parser("infer", help="exact tiled inference of an image file")
     inf.add_argument("--checkpoint", required=True, help="run folder or checkpoint .pt")
@@ -233,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--noise", type=float, default=0.4)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_data_synth)
+    plan_cli.add_parser(sub)
+    tune_cli.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")
     bsub = bench.add_subparsers(dest="benchmark", required=True)
     spatial = bsub.add_parser("spatial", help="memory, time and communication of decomposition")
@@ -257,6 +289,15 @@ def _parser() -> argparse.ArgumentParser:
     binfer.add_argument("--allocator", default="default", choices=["default", "neutral"])
     _output_args(binfer)
     binfer.set_defaults(run=_bench_infer)
+    bmem = bsub.add_parser("memory", help="memory model: predicted vs measured peak memory")
+    bmem.add_argument("--device", default="cpu", help="cpu or cuda")
+    bmem.add_argument("--scale", type=int, default=1, help="multiply every image side")
+    bmem.add_argument("--only", nargs="+", help="configurations whose name contains these")
+    bmem.add_argument("--swap-gpu-json", help="instead, predict the GPU peaks measured by "
+                      "benchmarks/swap_gpu.py (its --json file)")  # fmt: skip
+    _output_args(bmem)
+    bmem.set_defaults(run=_bench_memory)
+    tune_cli.add_bench_parser(bsub)
     return parser
 
 

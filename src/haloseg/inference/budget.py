@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from haloseg.errors import ConfigError
 from haloseg.inference.receptive import ReceptiveField
+from haloseg.memory.tracker import LiveBytes
 
 __all__ = ["bytes_per_voxel", "parse_bytes", "tile_for_budget"]
 
@@ -41,30 +38,11 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(f"memory size {text!r} is not like 2GB, 512MiB or 1.5e9") from None
 
 
-class _LiveBytes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, n: int) -> None:
-        self.live -= n
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):  # noqa: ANN204
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t._is_view():
-                n = t.untyped_storage().nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, n)
-        return out
-
-
 def bytes_per_voxel(model: nn.Module, spatial_dims: int, in_channels: int, side: int) -> float:
     """Peak bytes the forward pass allocates per input voxel, measured on a ``side``^d tile."""
     param = next(model.parameters())
     x = torch.zeros((1, in_channels, *([side] * spatial_dims)), dtype=param.dtype)
-    counter = _LiveBytes()
+    counter = LiveBytes()
     with torch.no_grad(), counter:
         model(x.to(param.device))
     return counter.peak / side**spatial_dims

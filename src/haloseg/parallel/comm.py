@@ -9,7 +9,7 @@ its adjoint: gradients of the halo cells travel back to their owners and are add
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -42,6 +42,7 @@ def autocast_inputs(
 __all__ = [
     "HaloExchange",
     "Padding",
+    "Tape",
     "assemble",
     "add_incoming",
     "assemble_adjoint",
@@ -94,6 +95,46 @@ def comm_cpu_times() -> dict[str, float]:
 def reset_comm_times() -> None:
     _TIMES.clear()
     _CPU.clear()
+
+
+class Tape:
+    """What a region's forward received (halos, normalisation statistics), in call order.
+
+    A checkpointed region records its tape on the first forward and replays it when the
+    region is recomputed in backward: the recomputation then sends no message, and uses
+    exactly the statistics the first forward used.
+    """
+
+    def __init__(self) -> None:
+        self.entries: deque[Any] = deque()
+        self.replaying = False
+
+
+_TAPES: list[Tape] = []
+
+
+@contextmanager
+def taping(tape: Tape, *, replay: bool) -> Iterator[None]:
+    """Record into ``tape`` (``replay=False``) or replay it, for the duration of the block."""
+    tape.replaying = replay
+    _TAPES.append(tape)
+    try:
+        yield
+    finally:
+        _TAPES.remove(tape)
+
+
+def taped(compute: Any) -> Any:
+    """``compute()``'s result, recorded on the active tape, or the tape's next entry when
+    replaying."""
+    if not _TAPES:
+        return compute()
+    tape = _TAPES[-1]
+    if tape.replaying:
+        return tape.entries.popleft()
+    out = compute()
+    tape.entries.append(out)
+    return out
 
 
 def box_slices(box: Box) -> tuple[slice, ...]:
@@ -208,7 +249,11 @@ def start_exchange(
     ``peers`` maps group ranks to global ranks. Only halo cells are copied: a send is the
     contiguous copy of a thin slab of ``x``, never the whole block.
     """
+    if _TAPES and _TAPES[-1].replaying:
+        return _TAPES[-1].entries.popleft(), []
     received: list[torch.Tensor | None] = [None] * len(plan.recv)
+    if _TAPES:  # the buffers are filled in place when the requests complete
+        _TAPES[-1].entries.append(received)
     sends, recvs = [], []
     for _, piece, tag in _tagged(plan.send, plan.rank):
         sends.append((piece.peer, x[box_slices(piece.source)].contiguous(), tag))

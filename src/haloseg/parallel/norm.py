@@ -14,7 +14,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import _amp_backward, _amp_forward, gather_small, sum_small, timed
+from haloseg.parallel.comm import (
+    _amp_backward,
+    _amp_forward,
+    gather_small,
+    sum_small,
+    taped,
+    timed,
+)
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["GlobalNormalize", "global_moments"]
@@ -32,13 +39,17 @@ def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, 
     if dec.size == 1:
         return mean, var, n_local
     local = torch.stack([mean.new_full((rows,), float(n_local)), mean, var * n_local])
-    with timed("norm"):
-        parts = gather_small(local, dec.rank, dec.peers, dec.group)
+    parts = taped(lambda: _gather(local, dec))
     counts, means, m2s = torch.stack(parts).unbind(1)
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total
     m2 = (m2s + counts * (means - mean) ** 2).sum(0)
     return mean, m2 / total, int(total[0].item()) if rows else 0
+
+
+def _gather(local: torch.Tensor, dec: Decomposition) -> list[torch.Tensor]:
+    with timed("norm"):
+        return gather_small(local, dec.rank, dec.peers, dec.group)
 
 
 class GlobalNormalize(torch.autograd.Function):

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 from haloseg.config import RunConfig, save_config
 from haloseg.data.base import Dataset
 from haloseg.errors import ConfigError
+from haloseg.memory.savers import step_context
 from haloseg.parallel import cross_entropy, soft_dice_loss
 from haloseg.resident import reset_peak, resident_kib
 from haloseg.training.checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +73,8 @@ class Trainer:
     """Largest resident set of this process during a training step."""
     peak_step_mib: float = 0.0
     """Largest rise of the resident set during a training step (what the step allocates)."""
+    swapper: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    """Around each forward and backward: activation swapping (``memory.swap``), or nothing."""
 
     # -- data ------------------------------------------------------------------------------
     def padded(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -141,9 +145,10 @@ class Trainer:
             batch = agree(lambda m=micro: self.batch(self.train_set, self._draw(m)))
             sync = k == t.accumulate - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with self._autocast():
-                    loss = self._loss(self.model(batch.image), batch) / t.accumulate
-                loss.backward()
+                with self.swapper:
+                    with self._autocast():
+                        loss = self._loss(self.model(batch.image), batch) / t.accumulate
+                    loss.backward()
             total += loss.item()
         self.optimizer.step()
         self.scheduler.step()
@@ -269,7 +274,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     trainer = Trainer(cfg, layout, train_set, val_set, model, weights, optimizer, scheduler,
-                      folder, dtype)  # fmt: skip
+                      folder, dtype, swapper=step_context(cfg.memory, weights))  # fmt: skip
     # Every check before the run folder is touched: a refused run leaves nothing behind.
     # Image sizes against the grid now, not in the middle of the run.
     for dataset in (train_set, val_set):
@@ -290,6 +295,10 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     return trainer
 
 
+StepCallback = Callable[[Trainer, dict[str, float]], None]
+"""Called after each training step with the step's record (loss, lr, validation metrics)."""
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -306,17 +315,18 @@ def _tensorboard(trainer: Trainer) -> Any:
     return SummaryWriter(str(trainer.folder / "tensorboard"), purge_step=trainer.step)
 
 
-def fit(trainer: Trainer, *, progress: bool = True) -> None:
-    """Train to the last step, validating, logging and checkpointing on the way."""
+def fit(trainer: Trainer, *, progress: bool = True, on_step: StepCallback | None = None) -> None:
+    """Train to the last step, validating, logging and checkpointing on the way;
+    ``on_step(trainer, record)`` runs after each step, once its checkpoint (if due) is written."""
     writer = _tensorboard(trainer)
     try:
-        _steps(trainer, writer, progress)
+        _steps(trainer, writer, progress, on_step)
     finally:
         if writer is not None:
             writer.close()
 
 
-def _steps(trainer: Trainer, writer: Any, progress: bool) -> None:
+def _steps(trainer: Trainer, writer: Any, progress: bool, on_step: StepCallback | None) -> None:
     t = trainer.cfg.train
     dice = "-"
     with _progress(progress and trainer.layout.is_main) as bar:
@@ -343,6 +353,8 @@ def _steps(trainer: Trainer, writer: Any, progress: bool) -> None:
             if trainer.step % t.checkpoint_every == 0 or trainer.step == t.steps:
                 trainer.save()
             bar.update(task, completed=trainer.step, loss=loss, dice=dice)
+            if on_step is not None:
+                on_step(trainer, record)
 
 
 def _costs(trainer: Trainer) -> dict[str, float | None]:

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from haloseg.config import DataConfig, RunConfig
 from haloseg.data.base import Dataset, SampleInfo
 from haloseg.errors import ConfigError, DataError, DecompositionError, HalosegError
+from haloseg.memory.checkpoint import checkpoint_levels
 from haloseg.models import unet_preset
 from haloseg.parallel import Decomposition, spatial_parallel
 from haloseg.parallel.data import data_parallel, data_space_mesh, space_decomposition
@@ -212,6 +213,8 @@ def build_model(
         out_channels=dataset.num_classes, **cfg.model.overrides(),
     ).to(device=layout.device, dtype=dtype)  # fmt: skip
     spatial_parallel(model, layout.dec, sync_gradients=layout.mesh is None)
+    if cfg.memory.checkpoint:
+        checkpoint_levels(model)
     if layout.mesh is not None:
         return data_parallel(model, layout.mesh), model
     return model, model

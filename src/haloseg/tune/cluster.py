@@ -1,0 +1,96 @@
+"""Ray for a search: a local instance started on the spot (loopback only, no dashboard), or
+an existing cluster joined by address; and the check that one trial fits in it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from unittest import mock
+
+from haloseg.errors import ConfigError, DependencyError
+from haloseg.tune.space import Resources
+
+__all__ = ["check_fits", "ray_cluster", "require_ray"]
+
+log = logging.getLogger(__name__)
+
+# Ray's own environment for a quiet local instance: one line per repeated worker message.
+_QUIET = {"RAY_DEDUP_LOGS": "1"}
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module with Tune and Train, or the error that names the extra to install."""
+    try:
+        import ray
+        import ray.train  # noqa: F401
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise DependencyError("haloseg tune needs Ray: pip install 'haloseg[tune]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    address: str | None = None,
+    *,
+    cpus: int | None = None,
+    gpus: int | None = None,
+    verbose: bool = False,
+    notify: Callable[[str], None] = log.info,
+) -> Iterator[dict[str, float]]:
+    """Ray started on this machine (``address`` None) or joined at ``address``, for the
+    duration of the block; yields the cluster's resources. A Ray already initialised in this
+    process is used as it is and left running."""
+    ray = require_ray()
+    for key, value in _QUIET.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address is None:
+        cpus = cpus or len(os.sched_getaffinity(0))
+        notify(f"starting a local Ray instance on 127.0.0.1 ({cpus} CPUs, no dashboard); "
+               "this takes a few seconds")  # fmt: skip
+        # Ray resolves 127.0.0.1 to the machine's outward address, and its services listen
+        # on every interface, unless it believes clusters are off (its setting for desktops):
+        # then each of them binds to the loopback address only.
+        with mock.patch.dict(os.environ, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}):
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                     **quiet)  # fmt: skip
+    else:
+        notify(f"joining the Ray cluster at {address}")
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            reason = str(e).split(". ")[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"cannot join the Ray cluster at --address {address} ({reason}); start it with "
+                "'ray start --head' or leave out --address for a local instance"
+            ) from None
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def check_fits(resources: Resources, processes: int, cluster: dict[str, float]) -> int:
+    """How many trials of ``processes`` processes holding ``resources`` each fit in
+    ``cluster`` at once; an error when not even one does."""
+    trials = []
+    for name, key in (("cpus", "CPU"), ("gpus", "GPU")):
+        need, have = getattr(resources, name) * processes, cluster.get(key, 0.0)
+        if need > have:
+            per = f" x {processes} processes" if processes > 1 else ""
+            raise ConfigError(
+                f"a trial needs {need:g} {key}s (resources.{name}={getattr(resources, name):g}"
+                f"{per}) but the Ray cluster has {have:g}; lower resources.{name}, the "
+                "processes per trial (parallel.grid, parallel.data), or use a larger cluster "
+                "(--address, or --cpus/--gpus for a local one)"
+            )
+        if need > 0:
+            trials.append(int(have // need))
+    return max(1, min(trials))
