@@ -72,11 +72,14 @@ def test_spatial_training_equals_one_process(grid, single_run, tmp_path):
     _assert_same_run(_run(cfg, grid[0] * grid[1]), single_run)
 
 
-def test_data_times_space_training_equals_one_process(tmp_path):
-    # BatchNorm: batch statistics over both replicas' images, as over the one process's batch.
+@pytest.mark.parametrize("memory", [[], ["memory.checkpoint=true", "memory.swap=all"]],
+                         ids=["plain", "checkpoint+swap"])  # fmt: skip
+def test_data_times_space_training_equals_one_process(memory, tmp_path):
+    # BatchNorm: batch statistics over both replicas' images, as over the one process's batch;
+    # with checkpointing under DDP too, each replica's batch counted once.
     one = _config(str(tmp_path / "one"))
     mesh = _config(str(tmp_path / "mesh"), "parallel.data=2", "parallel.grid=[1,2]",
-                   "train.batch_size=1")  # fmt: skip
+                   "train.batch_size=1", *memory)  # fmt: skip
     got, want = _run(mesh, 4), _run(one, 1)
     (h_got, w_got), (h_want, w_want) = got, want
     for a, b in zip(h_got, h_want, strict=True):
