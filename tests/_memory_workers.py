@@ -66,6 +66,17 @@ def checkpoint_worker(grid: tuple[int, ...], norm: str) -> dict[str, object]:
         out[f"gx{step}"] = grads
     out["weights"] = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()}
     out["buffers"] = {k: [b.clone() for b in m.buffers()] for k, m in models.items()}
+    # A retained graph: the second backward recomputes again, still without new messages.
+    x = torch.randn(2, 2, 32, 48, dtype=torch.float64)
+    for key in ("plain", "ckpt"):
+        m = models[key]
+        loss = haloseg.global_sum(m(m._hs_dec.scatter(x)).sum(), m._hs_dec)
+        before = counts[0]
+        loss.backward(retain_graph=True)
+        loss.backward()
+        out["messages"][(key, "retained")] = counts[0] - before
+        out[f"retained_{key}"] = [p.grad.clone() for p in m.parameters()]
+        opts[key].zero_grad()
     # Tensors cross the process boundary through shared memory that dies with the worker.
     return torch.utils._pytree.tree_map(
         lambda v: v.numpy() if isinstance(v, torch.Tensor) else v, out

@@ -107,6 +107,9 @@ def test_checkpointing_under_the_spatial_engine(norm: str) -> None:
             assert close(ys["ckpt"], ys["ref"], torch.float64) < 1e-10
             assert close(gx["ckpt"], gx["ref"], torch.float64) < 1e-10
             assert r["messages"][("ckpt", step)] == r["messages"][("plain", step)] > 0
+        assert r["messages"][("ckpt", "retained")] == r["messages"][("plain", "retained")] > 0
+        for a, b in zip(r["retained_ckpt"], r["retained_plain"], strict=True):
+            assert torch.equal(a, b)
         for key in ("weights", "buffers"):
             for a, b, c in zip(r[key]["ckpt"], r[key]["plain"], r[key]["ref"], strict=True):
                 assert torch.equal(a, b)
@@ -128,3 +131,33 @@ def test_checkpointing_with_swapping_is_identical() -> None:
             assert torch.equal(a, b)
         for a, b in zip(net.buffers(), ref.buffers(), strict=True):
             assert torch.equal(a, b)
+
+
+def test_a_retained_graph_recomputes_again() -> None:
+    """backward(retain_graph=True) then backward: each recomputation replays the tape anew."""
+    ref = _unet()
+    net = copy.deepcopy(ref)
+    checkpoint_levels(net)
+    x, w = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.randn(2, 3, 16, 16).double()
+    for m in (net, ref):
+        loss = (m(x) * w).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    for a, b in zip(net.buffers(), ref.buffers(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_switching_mode_before_backward_is_refused() -> None:
+    net = _unet()
+    checkpoint_levels(net)
+    loss = net(torch.randn(2, 1, 16, 16, dtype=torch.float64)).sum()
+    net.eval()
+    with pytest.raises(ConfigError, match="switched to eval mode"):
+        loss.backward()
+
+
+def test_nested_regions_are_refused() -> None:
+    with pytest.raises(ConfigError, match="lies inside 'encoder.0'"):
+        checkpoint_levels(_unet(), ["encoder.0", "encoder.0.3"])

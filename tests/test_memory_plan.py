@@ -111,12 +111,27 @@ def test_plan_command_prints_the_cheapest_mix_and_draws(tmp_path: Path) -> None:
         (["--image", "64x64", "--depth", "7"], "2**depth"),
         (["--image", "64x64", "--device-memory", "lots"], "lots"),
         (["--image", "64x64", "--channels", "0"], "--channels=0"),
+        (["--image", "64x64", "--device-memory", "inf"], "'inf'"),
+        (["--image", "64x64", "--json", "/missing/dir/p.json"], "cannot write"),
     ],
 )
 def test_plan_command_refuses_bad_input(argv: list[str], message: str) -> None:
     code, _, err = _cli("plan", *argv)
     assert code == 2
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.grid=[2,2,2]"], "one extent per spatial dim"),
+        (["memory.swap=all", "memory.swap_budget=1GB"], "memory.swap=budget only"),
+        (["memory.device_memory=-1GB"], "'-1GB'"),
+    ],
+)
+def test_train_plan_refuses_bad_input(overrides: list[str], message: str) -> None:
+    code, _, err = _cli("train", "configs/ellipses-2d.yaml", *overrides, "--plan")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_plan_prints_the_prediction_and_trains_nothing(tmp_path: Path) -> None:

@@ -223,12 +223,17 @@ class MemoryConfig:
             raise ConfigError(
                 "memory.swap=budget needs memory.swap_budget, e.g. memory.swap_budget=20GB"
             )
-        for name in ("swap_budget", "device_memory"):
-            value = getattr(self, name)
-            if value is not None:
-                from haloseg.inference.budget import parse_bytes
+        if self.swap_budget is not None and self.swap != "budget":
+            raise ConfigError(
+                f"memory.swap_budget={self.swap_budget} applies to memory.swap=budget only "
+                f"(memory.swap is {self.swap!r}); drop it or set memory.swap=budget"
+            )
+        from haloseg.inference.budget import parse_bytes
 
-                parse_bytes(value)
+        if self.swap_budget is not None:
+            parse_bytes(self.swap_budget)
+        if self.device_memory is not None and parse_bytes(self.device_memory) == 0:
+            raise ConfigError(f"memory.device_memory={self.device_memory} must be > 0, e.g. 80GB")
 
 
 @dataclass(kw_only=True)

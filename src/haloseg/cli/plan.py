@@ -69,14 +69,20 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
     rows = plan(spec, budget, max_devices=args.max_devices)
     _table(console, rows[: args.top], budget)
     _verdict(console, spec, rows, budget)
-    if args.json:
-        _write_json(rows, Path(args.json))
-        console.print(f"wrote {args.json}")
-    if args.plot:
-        from haloseg.memory.figures import draw_figures
+    try:
+        if args.json:
+            _write_json(rows, Path(args.json))
+            console.print(f"wrote {args.json}")
+        if args.plot:
+            from haloseg.memory.figures import draw_figures
 
-        paths = draw_figures(spec, budget, Path(args.plot))
-        console.print("figures: " + ", ".join(str(p) for p in paths))
+            paths = draw_figures(spec, budget, Path(args.plot))
+            console.print("figures: " + ", ".join(str(p) for p in paths))
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write {e.filename or args.json or args.plot!r} ({e.strerror}); "
+            "pick a writable --json file or --plot folder"
+        ) from None
 
 
 def _table(console: Console, rows: list[PlanRow], budget: int) -> None:
@@ -184,6 +190,11 @@ def plan_run(cfg: RunConfig, console: Console) -> None:
             **cfg.model.overrides(),
         )  # fmt: skip
     grid = cfg.parallel.grid or [1] * len(shape)
+    if len(grid) != len(shape):
+        raise ConfigError(
+            f"parallel.grid={grid} has {len(grid)} extents but the images are "
+            f"{len(shape)}-D ({'x'.join(map(str, shape))}); give one extent per spatial dim"
+        )
     image = padded_shape(shape, model.downsampling_factor, grid) if cfg.data.pad else shape
     spec = run_spec(cfg, image, train_set.in_channels, train_set.num_classes, model)
     budget = parse_bytes(cfg.memory.device_memory) if cfg.memory.device_memory else None

@@ -33,9 +33,12 @@ def parse_bytes(text: str) -> int:
     number = t.rstrip("KMGTIB")
     unit = t[len(number) :]
     try:
-        return int(float(number) * _UNITS[unit])
+        value = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
-        raise ConfigError(f"memory size {text!r} is not like 2GB, 512MiB or 1.5e9") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"memory size {text!r} is not like 2GB, 512MiB or 1.5e9")
+    return int(value)
 
 
 def bytes_per_voxel(model: nn.Module, spatial_dims: int, in_channels: int, side: int) -> float:

@@ -11,9 +11,8 @@ as they were once it is done.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ def checkpoint_levels(model: nn.Module, modules: Sequence[str] | None = None) ->
     """
     names = list(modules) if modules is not None else unet_levels(model)
     known = dict(model.named_modules())
+    _refuse_nesting(names)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=1)
@@ -59,6 +59,18 @@ def checkpoint_levels(model: nn.Module, modules: Sequence[str] | None = None) ->
             base = type(module)
             module.__class__ = type(base.__name__, (Checkpointed, base), {})
     return names
+
+
+def _refuse_nesting(names: list[str]) -> None:
+    """A region inside another would record afresh (and exchange again) when the outer one
+    is recomputed; the outer region already keeps only its input."""
+    for a in names:
+        for b in names:
+            if a != b and (b.startswith(a + ".") or a == ""):
+                raise ConfigError(
+                    f"module {b!r} lies inside {a or '<root>'!r}, also to be checkpointed; "
+                    "checkpoint one of the two"
+                )
 
 
 class Checkpointed:
@@ -75,7 +87,8 @@ class Checkpointed:
 
 def _contexts(module: nn.Module) -> tuple[Any, Any]:
     tape, layers = Tape(), _LayerClocks(module)
-    return _record(tape, layers), _replay(tape, layers, module)
+    record = _Record(tape, layers, module)
+    return record, _Replay(tape, layers, module, record)
 
 
 class _LayerClocks:
@@ -100,28 +113,60 @@ class _LayerClocks:
             c.forward_id, c.calls = fid, calls
 
 
-@contextlib.contextmanager
-def _record(tape: Tape, layers: _LayerClocks) -> Iterator[None]:
-    layers.saved = layers.read()
-    with taping(tape, replay=False):
-        yield
+class _Record:
+    """The first forward's context: record the tape, note the layers' clocks and mode."""
+
+    def __init__(self, tape: Tape, layers: _LayerClocks, module: nn.Module) -> None:
+        self.tape, self.layers, self.module = tape, layers, module
+        self.training = module.training
+        self._taping: Any = None
+
+    def __enter__(self) -> None:
+        self.layers.saved = self.layers.read()
+        self.training = self.module.training
+        self._taping = taping(self.tape, replay=False)
+        self._taping.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._taping.__exit__(*exc)
 
 
-@contextlib.contextmanager
-def _replay(tape: Tape, layers: _LayerClocks, module: nn.Module) -> Iterator[None]:
-    norms = [
-        m for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-    ]  # fmt: skip
-    buffers = [(m, [b.clone() for b in _stat_buffers(m)]) for m in norms]
-    now = layers.read()
-    layers.write(layers.saved)
-    try:
-        with taping(tape, replay=True):
-            yield
-    finally:
+class _Replay:
+    """Each recomputation's context (reusable: a retained graph recomputes again): replay
+    the tape from its start with the first forward's clocks, then put BatchNorm's buffers
+    and the clocks back."""
+
+    def __init__(
+        self, tape: Tape, layers: _LayerClocks, module: nn.Module, record: _Record
+    ) -> None:
+        self.tape, self.layers, self.module, self.record = tape, layers, module, record
+        self._undo: list[Any] = []
+
+    def __enter__(self) -> None:
+        clocks = self.layers
+        if self.module.training != self.record.training:
+            raise ConfigError(
+                f"{type(self.module).__name__} was switched to "
+                f"{'train' if self.module.training else 'eval'} mode between its forward and "
+                "backward; a checkpointed level recomputes in the mode of its forward, so call "
+                "backward before changing modes"
+            )
+        norms = [
+            m for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        ]  # fmt: skip
+        buffers = [(m, [b.clone() for b in _stat_buffers(m)]) for m in norms]
+        now = clocks.read()
+        clocks.write(clocks.saved)
+        taping_ = taping(self.tape, replay=True)
+        taping_.__enter__()
+        self._undo.append((buffers, now, taping_))
+
+    def __exit__(self, *exc: object) -> None:
         # Also after an early stop (the recomputation ends once it has what backward needs).
-        layers.write(now)
+        buffers, now, taping_ = self._undo.pop()
+        taping_.__exit__(*exc)
+        self.layers.write(now)
         with torch.no_grad():
             for m, saved in buffers:
                 for b, s in zip(_stat_buffers(m), saved, strict=True):

@@ -193,7 +193,8 @@ class _Sim:
         self.events.append(("op", op))
         if self.region is None:  # inside a checkpointed block nothing is saved
             self._save_all(op)
-        if extra:
+        if extra and self.region is None:
+            # Inside a checkpointed block the halo slabs stay on its tape until backward.
             self.drop(op.extra)
         return out
 
@@ -416,17 +417,17 @@ def _recompute(sim: _Sim, region: list[_Op]) -> None:
             if item in fresh:  # the replay does not take the caller's references again
                 sim.drop(fresh[item])
             continue
-        for old in ([] if item.inplace else [item.out]) + ([item.extra] if item.extra >= 0 else []):
-            fresh[old] = sim.new(sim.tensors[old].nbytes, grad=sim.tensors[old].grad)
+        if not item.inplace:
+            fresh[item.out] = sim.new(sim.tensors[item.out].nbytes, grad=sim.tensors[item.out].grad)
+        # Halo slabs come from the tape, as they are: nothing new is allocated for them.
         for s in dict.fromkeys(item.saves):
             t = sim.tensors[fresh.get(s, s)]
-            if not t.device:  # the block's input, back from host
-                t.device = True
-                sim._add(t.nbytes)
-            t.refs += 1
+            if t.on_host:  # the block's input, swapped: its device copy serves the region
+                _to_device(sim, fresh.get(s, s))
+                t.host_refs += 1
+            else:
+                t.refs += 1
             item.saved.append(fresh.get(s, s))
-        if item.extra >= 0:
-            sim.drop(fresh[item.extra])
     sim.drop(fresh[region[-1].out])  # the recomputed output itself is not used
 
 

@@ -8,8 +8,9 @@ its adjoint: gradients of the halo cells travel back to their owners and are add
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from haloseg.errors import DecompositionError
 from haloseg.geometry import Box, HaloPlan, to_local
 
 # Under CUDA autocast, backward runs with the dtypes and autocast state of forward.
@@ -98,42 +100,75 @@ def reset_comm_times() -> None:
 
 
 class Tape:
-    """What a region's forward received (halos, normalisation statistics), in call order.
+    """What a region's forward received (halos, normalisation statistics, reductions), in
+    call order, each entry with its kind and a key of what was asked for.
 
-    A checkpointed region records its tape on the first forward and replays it when the
-    region is recomputed in backward: the recomputation then sends no message, and uses
-    exactly the statistics the first forward used.
+    A checkpointed region records its tape on the first forward and replays it each time the
+    region is recomputed in backward (twice for a graph kept with ``retain_graph``): the
+    recomputation then sends no message and uses exactly what the first forward received.
+    A recomputation asking for something else than was recorded (the region switched to
+    eval mode, a data-dependent branch) is an error, never a wrong answer.
     """
 
     def __init__(self) -> None:
-        self.entries: deque[Any] = deque()
+        self.entries: list[tuple[str, Any, Any]] = []
+        self.cursor = 0
         self.replaying = False
 
+    def record(self, kind: str, key: Any, value: Any) -> None:
+        self.entries.append((kind, key, value))
 
-_TAPES: list[Tape] = []
+    def replay(self, kind: str, key: Any) -> Any:
+        if self.cursor >= len(self.entries):
+            raise DecompositionError(
+                f"a checkpointed region's recomputation asked for {kind} communication its "
+                "forward did not do; keep the region's mode (train/eval) and control flow the "
+                "same between forward and backward"
+            )
+        got_kind, got_key, value = self.entries[self.cursor]
+        if (got_kind, got_key) != (kind, key):
+            raise DecompositionError(
+                f"a checkpointed region's recomputation asked for {kind} communication where "
+                f"its forward did {got_kind}; keep the region's mode (train/eval) and control "
+                "flow the same between forward and backward"
+            )
+        self.cursor += 1
+        return value
+
+
+_STACK = threading.local()
+"""Per thread: the tapes of the checkpointed regions running now (CUDA backward, and so the
+recomputation, runs in autograd's own thread)."""
+
+
+def _tapes() -> list[Tape]:
+    if not hasattr(_STACK, "tapes"):
+        _STACK.tapes = []
+    return _STACK.tapes
 
 
 @contextmanager
 def taping(tape: Tape, *, replay: bool) -> Iterator[None]:
-    """Record into ``tape`` (``replay=False``) or replay it, for the duration of the block."""
-    tape.replaying = replay
-    _TAPES.append(tape)
+    """Record into ``tape`` (``replay=False``) or replay it from its start, for the block."""
+    tape.replaying, tape.cursor = replay, 0
+    tapes = _tapes()
+    tapes.append(tape)
     try:
         yield
     finally:
-        _TAPES.remove(tape)
+        tapes.remove(tape)
 
 
-def taped(compute: Any) -> Any:
-    """``compute()``'s result, recorded on the active tape, or the tape's next entry when
-    replaying."""
-    if not _TAPES:
+def taped(kind: str, key: Any, compute: Any) -> Any:
+    """``compute()``'s result, recorded on the active tape as ``(kind, key)``, or the tape's
+    matching entry when replaying."""
+    tapes = _tapes()
+    if not tapes:
         return compute()
-    tape = _TAPES[-1]
-    if tape.replaying:
-        return tape.entries.popleft()
+    if tapes[-1].replaying:
+        return tapes[-1].replay(kind, key)
     out = compute()
-    tape.entries.append(out)
+    tapes[-1].record(kind, key, out)
     return out
 
 
@@ -249,11 +284,12 @@ def start_exchange(
     ``peers`` maps group ranks to global ranks. Only halo cells are copied: a send is the
     contiguous copy of a thin slab of ``x``, never the whole block.
     """
-    if _TAPES and _TAPES[-1].replaying:
-        return _TAPES[-1].entries.popleft(), []
+    tapes = _tapes()
+    if tapes and tapes[-1].replaying:
+        return tapes[-1].replay("halo", plan), []
     received: list[torch.Tensor | None] = [None] * len(plan.recv)
-    if _TAPES:  # the buffers are filled in place when the requests complete
-        _TAPES[-1].entries.append(received)
+    if tapes:  # the buffers are filled in place when the requests complete
+        tapes[-1].record("halo", plan, received)
     sends, recvs = [], []
     for _, piece, tag in _tagged(plan.send, plan.rank):
         sends.append((piece.peer, x[box_slices(piece.source)].contiguous(), tag))

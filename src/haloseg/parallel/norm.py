@@ -39,7 +39,7 @@ def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, 
     if dec.size == 1:
         return mean, var, n_local
     local = torch.stack([mean.new_full((rows,), float(n_local)), mean, var * n_local])
-    parts = taped(lambda: _gather(local, dec))
+    parts = taped("norm", (rows, n_local), lambda: _gather(local, dec))
     counts, means, m2s = torch.stack(parts).unbind(1)
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total

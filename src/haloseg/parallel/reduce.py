@@ -15,10 +15,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import _amp_backward, _amp_forward, timed
+from haloseg.parallel.comm import _amp_backward, _amp_forward, taped, timed
 from haloseg.parallel.decomposition import Decomposition
 
 __all__ = ["accuracy", "cross_entropy", "global_max", "global_sum", "soft_dice_loss"]
+
+
+def _all_reduce(
+    t: torch.Tensor, dec: Decomposition, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """``t`` reduced in place over the group (a forward collective: taped when checkpointed)."""
+    with timed("reduce"):
+        dist.all_reduce(t, op=op, group=dec.group)
+    return t
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -28,8 +37,8 @@ class _AllReduceSum(torch.autograd.Function):
         ctx.dec, ctx.replicated = dec, replicated
         out = t.clone()
         if dec.size > 1:
-            with timed("reduce"):
-                dist.all_reduce(out, group=dec.group)
+            # A copy: the taped sum must outlive in-place changes of the output.
+            out = taped("reduce", tuple(t.shape), lambda: _all_reduce(out, dec)).clone()
         return out
 
     @staticmethod
@@ -64,8 +73,8 @@ class _GlobalMax(torch.autograd.Function):
         local_max, local_arg = flat.max(-1)
         best = local_max.clone()
         if dec.size > 1:
-            with timed("reduce"):
-                dist.all_reduce(best, op=dist.ReduceOp.MAX, group=dec.group)
+            best = taped("reduce", tuple(best.shape),
+                         lambda: _all_reduce(best, dec, dist.ReduceOp.MAX)).clone()  # fmt: skip
         # Ties between ranks: the smallest global row-major index wins.
         bounds = dec.bounds_of(x.shape[2:])
         strides, box = _global_strides(bounds), _rank_box(bounds, dec)
@@ -76,8 +85,8 @@ class _GlobalMax(torch.autograd.Function):
         index = torch.where(local_max == best, index, torch.full_like(index, big))
         winner = index.clone()
         if dec.size > 1:
-            with timed("reduce"):
-                dist.all_reduce(winner, op=dist.ReduceOp.MIN, group=dec.group)
+            winner = taped("reduce", tuple(winner.shape),
+                           lambda: _all_reduce(winner, dec, dist.ReduceOp.MIN))  # fmt: skip
         ctx.mine = index == winner
         ctx.save_for_backward(local_arg)
         ctx.shape, ctx.dec = x.shape, dec
