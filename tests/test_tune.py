@@ -57,7 +57,10 @@ def _rows(folder: Path) -> list[dict[str, str]]:
 
 
 def test_two_trials_complete_on_two_cpus(ray_2cpus, tmp_path):
+    import ray
+
     assert ray_2cpus["CPU"] == 2
+    assert ray.util.get_node_ip_address() == "127.0.0.1"  # the local Ray stays on loopback
     base = load_config(None, [*TINY, f"output_dir={tmp_path / 'search'}"])
     results = run_search(base, parse_search(SEARCH, base), progress=False)
     assert [r["status"] for r in results.rows] == ["done", "done"]
@@ -138,6 +141,23 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_2cpus, tmp_
     rows = _rows(folder)
     assert [r["status"] for r in rows] == ["done", "done"]
     assert (folder / f"trial-{done}" / "result.json").read_bytes() == record
+
+    # Resuming with another search, or where there is none, is refused in one line.
+    other = tmp_path / "other.yaml"
+    other.write_text(json.dumps({**SEARCH, "seed": 7, "resources": {"cpus": 2}}))
+    changed = ["tune", str(config), *TINY, f"output_dir={folder}", "--search", str(other)]
+    assert main([*changed, "--resume", "--no-progress"]) == 2
+    empty = [*args[:-2], f"output_dir={tmp_path / 'none'}", *args[-2:]]
+    assert main([*empty, "--resume", "--no-progress"]) == 2
+
+
+def test_asha_runs_to_the_most_steps_a_trial_draws():
+    from haloseg.tune.run import max_steps
+
+    base = load_config(None, TINY)
+    spec = parse_search({**SEARCH, "space": {"train.steps": {"grid": [2, 6]}}}, base)
+    assert max_steps(spec, base) == 6
+    assert max_steps(parse_search(SEARCH, base), base) == 4
 
 
 def test_asha_compares_trials_at_the_same_step():

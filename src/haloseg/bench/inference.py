@@ -209,7 +209,7 @@ def _compare(result: np.ndarray, output: str, reference: Path) -> dict[str, floa
 def _worker(spec: dict[str, Any], folder: str) -> dict[str, Any]:
     image = np.load(Path(folder, "image.npy"))
     model = _model(image.ndim - 1)
-    model.load_state_dict(torch.load(Path(folder, "model.pt")))
+    model.load_state_dict(torch.load(Path(folder, "model.pt"), weights_only=True))
     model.eval()
     with torch.no_grad():
         # Pages in the convolution code and sets up its kernels: not the method's memory.

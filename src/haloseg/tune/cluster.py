@@ -58,7 +58,13 @@ def ray_cluster(
         # Ray resolves 127.0.0.1 to the machine's outward address, and its services listen
         # on every interface, unless it believes clusters are off (its setting for desktops):
         # then each of them binds to the loopback address only.
-        with mock.patch.dict(os.environ, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}):
+        # The constant is read when ray is imported (before this), the variable by the
+        # processes Ray starts: both must say so.
+        constants = ray._private.ray_constants
+        with (
+            mock.patch.dict(os.environ, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
+            mock.patch.object(constants, "ENABLE_RAY_CLUSTER", False),
+        ):
             ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
                      **quiet)  # fmt: skip
     else:

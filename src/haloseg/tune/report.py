@@ -47,8 +47,10 @@ class Results:
 
 
 def _status(result: Any, steps: int) -> str:
+    """done (all of the trial's own steps), stopped early (ASHA), or error."""
     if result.error is not None:
         return "error"
+    steps = (result.config or {}).get("train.steps", steps)
     return "done" if (result.metrics or {}).get("step", 0) >= steps else "stopped"
 
 
@@ -121,5 +123,7 @@ def plot_results(results: Results, path: Path) -> None:
     if results.curves:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    tmp.replace(path)

@@ -47,12 +47,18 @@ def _param_space(search: SearchSpec) -> dict[str, Any]:
     return {p.key: make[p.kind](list(p.values)) for p in search.params}
 
 
+def max_steps(search: SearchSpec, base: RunConfig) -> int:
+    """The most steps any trial runs: the base config's, or the largest searched value."""
+    drawn = [v for p in search.params if p.key == "train.steps" for v in p.values]
+    return max([base.train.steps, *drawn]) if drawn else base.train.steps
+
+
 def _scheduler(search: SearchSpec, base: RunConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if search.scheduler == "fifo":
         return FIFOScheduler()
-    steps = base.train.steps
+    steps = max_steps(search, base)
     grace = min(search.asha.grace_period or base.train.val_every, steps)
     # Haloseg's step, not Tune's report count: rungs stay put when val_every changes.
     return ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
@@ -101,10 +107,27 @@ def _tuner(search: SearchSpec, base: RunConfig, path: str, concurrent: int,
 def _write_inputs(base: RunConfig, search: SearchSpec, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_config(base, folder / "config.yaml")
-    spec = {"metric": search.metric, "mode": search.mode, "samples": search.samples,
+    tmp = folder / "search.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(_spec(search), sort_keys=False))
+    tmp.replace(folder / "search.yaml")
+
+
+def _spec(search: SearchSpec) -> dict[str, Any]:
+    return {"metric": search.metric, "mode": search.mode, "samples": search.samples,
             "seed": search.seed, "scheduler": search.scheduler,
             "space": {p.key: {p.kind: list(p.values)} for p in search.params}}  # fmt: skip
-    (folder / "search.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _check_same_search(search: SearchSpec, folder: Path) -> None:
+    """A resumed search must be the one that started: its trials were drawn from it."""
+    saved = folder / "search.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(
+        yaml.safe_dump(_spec(search), sort_keys=False)
+    ):
+        raise ConfigError(
+            f"--resume with a search that differs from the one {saved} started; resume with "
+            "the same --search file, or start the new search in another output_dir"
+        )
 
 
 def run_search(
@@ -137,7 +160,13 @@ def run_search(
             f"{path} already holds a search; pass --resume to continue it or choose another "
             "output_dir"
         )
+    if resume and not exists:
+        raise ConfigError(
+            f"--resume: no search to resume in {path}; check output_dir (and --storage), or "
+            "leave out --resume to start one"
+        )
     if exists:
+        _check_same_search(search, folder)
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(
             path,
