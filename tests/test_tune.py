@@ -74,6 +74,18 @@ def test_two_trials_complete_on_two_cpus(ray_2cpus, tmp_path):
     assert all(_steps(t) == [2, 4] for t in trials)
 
 
+def test_a_trial_of_two_processes_runs_under_ray_train(ray_2cpus, tmp_path):
+    """parallel.data=2: each trial is a Ray Train run of 2 data-parallel processes."""
+    base = load_config(None, [*TINY, "parallel.data=2", "train.batch_size=1",
+                              f"output_dir={tmp_path / 'search'}"])  # fmt: skip
+    search = {**SEARCH, "space": {"train.lr": {"grid": [1.0e-3]}}}
+    results = run_search(base, parse_search(search, base), progress=False)
+    (row,) = results.rows
+    assert row["status"] == "done" and row["step"] == 4 and 0 <= row["dice_mean"] <= 1
+    (trial,) = (tmp_path / "search").glob("trial-*")
+    assert _steps(trial) == [2, 4]
+
+
 def test_crashed_trial_is_retried_from_its_checkpoint(ray_2cpus, tmp_path):
     marker = tmp_path / "crashed"
 
