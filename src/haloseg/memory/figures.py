@@ -30,23 +30,16 @@ def _cube(spec: StepSpec, side: int) -> StepSpec:
     return replace(spec, image=(side,) * spec.spatial_dims)
 
 
-def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
-
-
 _FEATURES = {"plain": ("none", False), "checkpointing": ("none", True),
              "swap all": ("all", False), "swap all + checkpointing": ("all", True)}  # fmt: skip
 
 
 def draw_figures(spec: StepSpec, device_memory: int, folder: Path) -> list[Path]:
     """Write memory-vs-size.png, memory-vs-channels.png and devices-needed.png."""
-    import matplotlib
+    # The plotting set-up of the run reports (Agg backend, temp file then rename).
+    from haloseg.training.report import _atomic_savefig, _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     side = SIZES[-1]
     figures = {
@@ -65,7 +58,7 @@ def draw_figures(spec: StepSpec, device_memory: int, folder: Path) -> list[Path]
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)
         paths.append(folder / name)
-        _save(fig, paths[-1])
+        _atomic_savefig(fig, paths[-1])
         plt.close(fig)
     return paths
 

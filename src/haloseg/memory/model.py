@@ -18,12 +18,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from haloseg.config import SWAP_POLICIES
 from haloseg.errors import ConfigError
+from haloseg.memory.swap import SWAP_FLOOR
 
 __all__ = ["MemoryBreakdown", "StepSpec", "step_memory"]
-
-SWAP_FLOOR = 1 << 16
-"""Saved tensors smaller than this stay on the device (the swapper's floor)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,8 +279,8 @@ def _check(spec: StepSpec) -> None:
         raise ConfigError(f"grid {spec.grid} needs one extent per spatial dim of {spec.image}")
     if spec.loss not in ("dice_ce", "ce"):
         raise ConfigError(f"loss={spec.loss!r} is not one of dice_ce, ce")
-    if spec.swap not in ("none", "all", "skips", "min_bytes", "budget"):
-        raise ConfigError(f"swap={spec.swap!r} is not one of none, all, skips, min_bytes, budget")
+    if spec.swap not in SWAP_POLICIES:
+        raise ConfigError(f"swap={spec.swap!r} is not one of {', '.join(SWAP_POLICIES)}")
 
 
 # ------------------------------------------------------------------------------ the U-Net

@@ -9,7 +9,7 @@ overlap the backward's compute. Without CUDA the same path runs host to host, wh
 CPU tests check.
 
 Never swapped: parameters and buffers (and views of them), which stay on the device anyway;
-tensors under ``_FLOOR_BYTES`` (64 KiB), whose copy costs more in launches and events than the
+tensors under ``SWAP_FLOOR`` (64 KiB), whose copy costs more in launches and events than the
 memory it frees; tensor subclasses, sparse tensors and devices other than CPU and CUDA.
 """
 
@@ -26,18 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from haloseg.config import SWAP_POLICIES
 from haloseg.errors import ConfigError
 from haloseg.models.unet import UNet
 
-__all__ = ["SWAP_POLICIES", "ActivationSwapper", "SwapStats", "swap_activations"]
+__all__ = ["SWAP_FLOOR", "SWAP_POLICIES", "ActivationSwapper", "SwapStats", "swap_activations"]
 
 log = logging.getLogger(__name__)
 
-SWAP_POLICIES = ("none", "all", "skips", "min_bytes", "budget")
 
 # Below 64 KiB a device-host copy is dominated by its launch and event (~10 us), and the bytes
 # it frees are noise next to one U-Net activation.
-_FLOOR_BYTES = 64 << 10
+SWAP_FLOOR = 64 << 10
 # How far back in pack order a prefetch looks for handles still on the host.
 _SCAN_LIMIT = 64
 
@@ -230,7 +230,7 @@ class ActivationSwapper:
             return False
         if _storage_key(t) in self._protected:
             return False
-        return t.numel() * t.element_size() >= _FLOOR_BYTES
+        return t.numel() * t.element_size() >= SWAP_FLOOR
 
     def _chosen(self, t: torch.Tensor) -> bool:
         """Does the policy swap this eligible tensor?"""

@@ -102,11 +102,9 @@ def _short(value: Any) -> str:
 
 def plot_results(results: Results, path: Path) -> None:
     """The searched metric against step, one line per trial; the best one thick."""
-    import matplotlib
+    from haloseg.training.report import _atomic_savefig, _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     best = results.best
     for row in results.rows:
@@ -123,7 +121,5 @@ def plot_results(results: Results, path: Path) -> None:
     if results.curves:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    _atomic_savefig(fig, path)
     plt.close(fig)
-    tmp.replace(path)
