@@ -15,6 +15,9 @@ AdamW) trains on cubic volumes whose edge is a multiple of 2**depth:
 3. the median step time at an edge that fits without swapping, for no swapping, ``budget``
    (budget = the device memory: swaps nothing), ``skips`` and ``all``, with the peak device
    memory of each (``torch.cuda.max_memory_allocated``).
+
+``ckpt`` checkpoints every U-Net level (``checkpoint_levels``) without swapping, ``all+ckpt``
+does both; they take part in all three parts (``--policies ckpt all+ckpt`` for the search).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ except ImportError:  # a bare GPU machine: haloseg imports zarr, which this prog
     sys.modules["zarr"].Group = sys.modules["zarr"].Array = object  # type: ignore[attr-defined]
 
 from haloseg.inference.budget import parse_bytes  # noqa: E402
+from haloseg.memory.checkpoint import checkpoint_levels  # noqa: E402
 from haloseg.memory.swap import ActivationSwapper  # noqa: E402
 from haloseg.models import PRESETS, unet_preset  # noqa: E402
 
@@ -51,7 +55,10 @@ POLICIES = {
     "budget": {"policy": "budget"},
     "skips": {"policy": "skips"},
     "all": {"policy": "all"},
+    "ckpt": None,
+    "all+ckpt": {"policy": "all"},
 }
+CHECKPOINTED = ("ckpt", "all+ckpt")
 
 
 def _sync(device: torch.device) -> None:
@@ -143,12 +150,13 @@ def _trial(args: argparse.Namespace) -> None:
     policy, edge = args.trial.split(":")
     use_cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    setup = _setup(args, device)
+    setup = _setup(args, device, checkpoint=policy in CHECKPOINTED)
     print("TRIAL " + json.dumps(_fits_here(setup, int(edge), policy, args)), flush=True)
 
 
-def _setup(args: argparse.Namespace, device: torch.device) -> tuple:
-    """Model and AdamW with its state already allocated; the device capped on CUDA."""
+def _setup(args: argparse.Namespace, device: torch.device, checkpoint: bool = False) -> tuple:
+    """Model (its levels checkpointed if ``checkpoint``) and AdamW with its state already
+    allocated; the device capped on CUDA."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, args.device_memory_bytes / total)
@@ -156,6 +164,8 @@ def _setup(args: argparse.Namespace, device: torch.device) -> tuple:
     torch.manual_seed(0)
     model = unet_preset(args.preset, spatial_dims=3, in_channels=1, out_channels=3,
                         **_overrides(args)).to(device)  # fmt: skip
+    if checkpoint:
+        checkpoint_levels(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -223,9 +233,11 @@ def largest_edge(setup: tuple | None, policy: str, args: argparse.Namespace) -> 
     }
 
 
-def step_times(setup: tuple, edge: int, args: argparse.Namespace) -> list[dict]:
+def step_times(
+    setup: tuple, edge: int, args: argparse.Namespace, policies: list[str]
+) -> list[dict]:
     rows = []
-    for policy in POLICIES:
+    for policy in policies:
         result = _run_steps(setup, edge, policy, args.warmup + args.steps, args)
         _free(setup[2])
         times = result["times"][args.warmup :]
@@ -235,9 +247,6 @@ def step_times(setup: tuple, edge: int, args: argparse.Namespace) -> list[dict]:
             "swapped_gib": result["swapped_gib"], "tensors_swapped": result["tensors_swapped"],
         })  # fmt: skip
         print(f"  {policy}: {rows[-1]['median_s']:.3f} s/step", flush=True)
-    base = rows[0]["median_s"]
-    for row in rows:
-        row["vs_none"] = row["median_s"] / base
     return rows
 
 
@@ -253,6 +262,8 @@ def exactness(device: torch.device) -> list[dict]:
         torch.manual_seed(0)
         model = unet_preset("small", spatial_dims=3, in_channels=1, out_channels=3, depth=2)
         model = model.double().to(device)
+        if policy in CHECKPOINTED:
+            checkpoint_levels(model)
         args = argparse.Namespace(prefetch=2, device_memory_bytes=1 << 40)
         swapper = _swapper(model, policy, args)
         xi = x.clone().requires_grad_()
@@ -329,7 +340,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit-edge", type=int, default=None,
                         help="edge of the timing runs (default: largest without swap)")  # fmt: skip
     parser.add_argument("--policies", nargs="+", default=["all", "skips"],
-                        choices=["all", "skips"], help="policies of the volume search")  # fmt: skip
+                        choices=["all", "skips", *CHECKPOINTED],
+                        help="policies of the volume search")  # fmt: skip
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -358,26 +370,35 @@ def main(argv: list[str] | None = None) -> dict:
     _print_table("swapping = no swapping, fp64", result["exactness"])
     _save(result, args)
 
-    setup = None if use_cuda else _setup(args, device)
+    def local(policy: str) -> tuple | None:  # on CPU the trials run in this process
+        return None if use_cuda else _setup(args, device, checkpoint=policy in CHECKPOINTED)
+
     if use_cuda:
         result["device_memory_cap_gib"] = round(args.device_memory_bytes / 2**30, 2)
         print(f"device memory capped at {args.device_memory} with "
               "torch.cuda.set_per_process_memory_fraction", flush=True)  # fmt: skip
 
     print(f"largest volume, U-Net preset {args.preset!r}:", flush=True)
-    largest = [largest_edge(setup, "none", args)]
-    largest += [largest_edge(setup, policy, args) for policy in args.policies]
+    largest = [largest_edge(local("none"), "none", args)]
+    largest += [largest_edge(local(policy), policy, args) for policy in args.policies]
     for row in largest:
         row["voxel_ratio"] = row["voxels"] / max(largest[0]["voxels"], 1)
     result["largest"] = largest
     _print_table(f"largest cubic volume (device capped at {args.device_memory})", largest)
     _save(result, args)
 
-    setup = setup or _setup(args, device)
+    setup = _setup(args, device)
     result["parameters"] = sum(p.numel() for p in setup[0].parameters())
     edge = args.fit_edge or largest[0]["edge"]
     print(f"step time at edge {edge}:", flush=True)
-    result["timing"] = step_times(setup, edge, args)
+    plain = [p for p in POLICIES if p not in CHECKPOINTED]
+    timing = step_times(setup, edge, args, plain)
+    del setup  # one model at a time under the memory cap
+    _free(device)
+    timing += step_times(_setup(args, device, checkpoint=True), edge, args, list(CHECKPOINTED))
+    for row in timing:
+        row["vs_none"] = row["median_s"] / timing[0]["median_s"]
+    result["timing"] = timing
     _print_table(f"median step time at edge {edge}, {args.steps} steps after "
                  f"{args.warmup} warm-up", result["timing"])  # fmt: skip
     _save(result, args)

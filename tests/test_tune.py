@@ -108,6 +108,24 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_2cpus, tmp_path):
     assert _steps(tmp_path / "search" / f"trial-{crashed}") == [2, 4]
 
 
+def test_trials_scratch_is_removed_when_the_search_ends(ray_2cpus, tmp_path):
+    record = tmp_path / "scratch.txt"
+
+    def killed_before_cleanup(values, setup):
+        # What a trial that ASHA stops leaves: its run folder, never cleaned up by the trial.
+        (Path(setup.scratch) / f"haloseg-trial-{values['train.lr']}").mkdir(parents=True)
+        record.write_text(setup.scratch)
+        tune_trial(values, setup)
+
+    base = load_config(None, [*TINY, f"output_dir={tmp_path / 'search'}"])
+    search = {**SEARCH, "space": {"train.lr": {"grid": [1.0e-3]}}}
+    results = run_search(base, parse_search(search, base), progress=False,
+                         trial=killed_before_cleanup)  # fmt: skip
+    assert [r["status"] for r in results.rows] == ["done"]
+    scratch = Path(record.read_text())
+    assert scratch.name.startswith("haloseg-tune-") and not scratch.exists()
+
+
 def _finished(folder: Path) -> list[str]:
     """Trials the experiment's saved state records as finished."""
     states = list(folder.glob("experiment_state-*.json"))

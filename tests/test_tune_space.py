@@ -157,3 +157,62 @@ def test_trial_reports_and_restarts_from_its_checkpoint(base, tmp_path):
     again = run_trial(cfg, restarted, threads=1)
     assert [m["step"] for m in restarted.metrics] == [4]
     assert math.isclose(again["val_loss"], final["val_loss"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("metric", "overrides", "names"),
+    [
+        ("dice_class7", ["data.num_classes=3"], ["'dice_class7'", "num_classes=3", "dice_class2"]),
+        ("dice_class0", ["data.num_classes=3"], ["'dice_class0'", "dice_class1, dice_class2"]),
+        ("dice_tumour", ["data.num_classes=3"], ["'dice_tumour'", "data.regions"]),
+        ("dice_tumour", ["data.num_classes=3", "data.regions={core: [1, 2]}"], ["dice_core"]),
+    ],
+)  # fmt: skip
+def test_metric_the_trials_do_not_report_is_refused(metric, overrides, names):
+    cfg = load_config(None, [*TINY, *overrides])
+    with pytest.raises(ConfigError) as info:
+        parse_search({**_space(**{"train.lr": 1e-3}), "metric": metric}, cfg)
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("metric", "overrides"),
+    [
+        ("dice_class2", ["data.num_classes=3"]),
+        ("dice_core", ["data.num_classes=3", "data.regions={core: [1, 2]}"]),
+        ("dice_class5", []),  # how many classes is up to the dataset
+    ],
+)
+def test_metric_the_trials_report_is_accepted(metric, overrides):
+    cfg = load_config(None, [*TINY, *overrides])
+    search = parse_search({**_space(**{"train.lr": 1e-3}), "metric": metric}, cfg)
+    assert search.metric == metric
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--cpus", "-1"], ["--cpus -1", "at least 1 CPU"]),
+        (["--gpus", "-2"], ["--gpus -2", "cannot be negative"]),
+        (["--address", "head-node"], ["'head-node'", "HOST:PORT"]),
+        (["--address", "10.0.0.5:99999"], ["'10.0.0.5:99999'", "HOST:PORT"]),
+        (["--address", "10.0.0.5:6379", "--cpus", "2"], ["--cpus 2", "leave out --cpus"]),
+    ],
+)
+def test_bad_cluster_flags_exit_2_in_one_line(flags, names, capsys):
+    configs = REPO / "configs"
+    args = [str(configs / "ellipses-2d.yaml"), "--search", str(configs / "search-ellipses.yaml")]
+    assert main(["tune", *args, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    for name in names:
+        assert name in err[0], (name, err[0])
+
+
+def test_cluster_addresses_ray_reads_are_accepted():
+    from haloseg.tune.cluster import check_cluster_flags
+
+    for address in ("auto", "127.0.0.1:6379", "ray://head.cluster:10001", "node-1:6379"):
+        check_cluster_flags(address, None, None)
+    check_cluster_flags(None, 2, 0)

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 
 from haloseg.models import unet_preset
 from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
-from haloseg.parallel.comm import comm_cpu_times, comm_times, reset_comm_times
+from haloseg.parallel.comm import (
+    comm_cpu_times,
+    comm_times,
+    late_waits,
+    log_collectives,
+    reset_comm_times,
+)
 from haloseg.parallel.spawn import run_distributed
 from haloseg.resident import reset_peak, resident_kib
 
@@ -35,6 +41,7 @@ __all__ = ["SCENARIOS", "Result", "markdown", "report", "run_spatial_benchmark",
 log = logging.getLogger(__name__)
 
 SCENARIOS: dict[str, dict[str, Any]] = {
+    "2d-128": {"shape": (128, 128), "grids": {2: (1, 2), 4: (2, 2)}},  # a quick check
     "2d-1024": {"shape": (1024, 1024), "grids": {2: (1, 2), 4: (2, 2)}},
     "3d-128": {"shape": (128, 128, 128), "grids": {2: (1, 1, 2), 4: (1, 2, 2)}},
 }
@@ -56,6 +63,14 @@ class Result:
     comm_s: dict[str, float] = field(default_factory=dict)
     comm_cpu_s: float = 0.0
     """CPU time of the worst rank's process inside communication calls."""
+    late_wait_s: float = 0.0
+    """The most time a rank spent in group-wide calls waiting for a rank that arrived later
+    (load imbalance)."""
+    transfer_s: float = 0.0
+    """The most communication time of a rank without that waiting: the messages themselves."""
+    cpu_spread: float = 0.0
+    """The slowest rank's CPU time for the step ÷ the fastest's, minus one: how unequal the
+    ranks' compute on equal blocks is."""
 
 
 def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str, Any]:
@@ -70,7 +85,7 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         local = tuple(b - a for a, b in dec.box(shape))
     x = torch.randn(1, 1, *local)
     target = torch.randint(0, 2, (1, *local))
-    times, cpus, peaks, comms, comm_cpus = [], [], [], [], []
+    times, cpus, peaks, comms, comm_cpus, lates, transfers = [], [], [], [], [], [], []
     for step in range(steps + 1):
         if grid is not None:
             dist.barrier()
@@ -79,18 +94,26 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         reset_peak()
         base = resident_kib("VmRSS")
         start, cpu = time.perf_counter(), time.process_time()
-        y = net(x)
-        loss = F.cross_entropy(y, target) if grid is None else cross_entropy(y, target, dec)
-        loss.backward()
+        with log_collectives() as log:
+            y = net(x)
+            loss = F.cross_entropy(y, target) if grid is None else cross_entropy(y, target, dec)
+            loss.backward()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         peak = resident_kib("VmHWM") - base
         del y, loss
+        late = 0.0
+        if grid is not None:  # the ranks share one clock: they run on this machine
+            logs: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(logs, log)
+            late = late_waits(logs)[dist.get_rank()]
         if step:  # the first step warms up caches and plans
             times.append(elapsed)
             cpus.append(cpu)
             peaks.append(peak / 1024)
             comms.append(comm_times())
             comm_cpus.append(sum(comm_cpu_times().values()))
+            lates.append(late)
+            transfers.append(sum(comms[-1].values()) - late)
     kinds = sorted({k for c in comms for k in c})
     return {
         "step_s": statistics.median(times),
@@ -98,6 +121,8 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         "peak_mib": max(peaks),
         "comm_s": {k: statistics.median(c.get(k, 0.0) for c in comms) for k in kinds},
         "comm_cpu_s": statistics.median(comm_cpus),
+        "late_wait_s": statistics.median(lates),
+        "transfer_s": statistics.median(transfers),
     }
 
 
@@ -112,9 +137,11 @@ def _config(scenario: str, ranks: int | None, steps: int, allocator: str) -> Res
         mode, n = f"haloseg {'x'.join(map(str, grid))}", ranks
     worst = max(out, key=lambda r: r["step_s"])
     comm = {k: max(r["comm_s"].get(k, 0.0) for r in out) for k in worst["comm_s"]}
+    cpus = [r["cpu_s"] for r in out]
     return Result(scenario, mode, n, allocator, worst["step_s"], worst["cpu_s"],
                   max(r["peak_mib"] for r in out), comm,
-                  max(r["comm_cpu_s"] for r in out))  # fmt: skip
+                  max(r["comm_cpu_s"] for r in out), max(r["late_wait_s"] for r in out),
+                  max(r["transfer_s"] for r in out), max(cpus) / min(cpus) - 1)  # fmt: skip
 
 
 def run_spatial_benchmark(
@@ -146,6 +173,8 @@ def report(results: list[Result]) -> list[dict[str, Any]]:
             "memory_vs_plain_over_P": r.peak_mib / (plain.peak_mib / r.ranks),
             "comm_share": comm / r.step_s,
             "comm_cpu_share": r.comm_cpu_s / r.step_s,
+            "late_wait_share": r.late_wait_s / r.step_s,
+            "transfer_share": r.transfer_s / r.step_s,
         })  # fmt: skip
     return rows
 
@@ -154,7 +183,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (the format of docs/benchmarks.md)."""
     kinds = sorted({k for r in rows for k in r["comm_s"]})
     head = ["mode", "allocator", "step s", "cpu s", "time/plain", "peak MiB",
-            "mem/(plain/P)", "comm share", "comm cpu share",
+            "mem/(plain/P)", "comm share", "comm cpu share", "late wait", "transfer",
+            "cpu spread",
             *(f"{k} s" for k in kinds)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -164,6 +194,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
             f"{r['memory_vs_plain_over_P']:.2f}", "—" if plain else f"{r['comm_share']:.1%}",
             "—" if plain else f"{r['comm_cpu_share']:.1%}",
+            "—" if plain else f"{r['late_wait_share']:.1%}",
+            "—" if plain else f"{r['transfer_share']:.1%}",
+            "—" if r["ranks"] == 1 else f"{r['cpu_spread']:.1%}",
             *("—" if plain else f"{r['comm_s'].get(k, 0.0):.3f}" for k in kinds),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

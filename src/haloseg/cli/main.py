@@ -134,7 +134,8 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
     rows = report(results)
     table = Table(title="spatial decomposition: forward+backward step, worst rank, medians")
     for col in ("scenario", "mode", "ranks", "allocator", "step s", "cpu s", "time/plain",
-                "peak MiB", "mem/(plain/P)", "comm share", "comm by kind (s)"):  # fmt: skip
+                "peak MiB", "mem/(plain/P)", "comm share", "late wait", "transfer",
+                "cpu spread", "comm by kind (s)"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in r["comm_s"].items() if v > 0)
@@ -142,7 +143,9 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
             r["scenario"], r["mode"], str(r["ranks"]), r["allocator"], f"{r['step_s']:.2f}",
             f"{r['cpu_s']:.2f}",
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
-            f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}", kinds,
+            f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}",
+            f"{r['late_wait_share']:.1%}", f"{r['transfer_share']:.1%}",
+            f"{r['cpu_spread']:.1%}", kinds,
         )  # fmt: skip
     _emit(args, console, table, markdown(rows), rows)
 

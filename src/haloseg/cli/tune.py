@@ -24,7 +24,9 @@ def run_tune(args: argparse.Namespace, console: Console) -> None:
     """The ``haloseg tune`` command."""
     from haloseg.config import load_config
     from haloseg.tune import load_search, ray_cluster, require_ray, run_search
+    from haloseg.tune.cluster import check_cluster_flags
 
+    check_cluster_flags(args.address, args.cpus, args.gpus)
     require_ray()
     base = load_config(args.config, args.overrides)
     search = load_search(args.search, base)

@@ -53,6 +53,8 @@ __all__ = [
     "comm_times",
     "exchange",
     "gather_small",
+    "late_waits",
+    "log_collectives",
     "reset_comm_times",
     "start_exchange",
     "start_halo_grads",
@@ -69,17 +71,66 @@ Padding = float | str
 
 _TIMES: dict[str, float] = defaultdict(float)
 _CPU: dict[str, float] = defaultdict(float)
+_COLLECTIVES: list[tuple[str, float, float]] | None = None
+"""While ``log_collectives`` runs: (kind, start, end) of each group-wide call, in order."""
 
 
 @contextmanager
-def timed(kind: str) -> Iterator[None]:
-    """Add the wall time (and the process CPU time) of the block to communication ``kind``."""
+def timed(kind: str, *, group_wide: bool = False) -> Iterator[None]:
+    """Add the wall time (and the process CPU time) of the block to communication ``kind``.
+
+    ``group_wide``: the block is a call every rank of the group makes in the same order
+    (statistics, reductions), which ``log_collectives`` records.
+    """
     start, cpu = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        _TIMES[kind] += time.perf_counter() - start
+        end = time.perf_counter()
+        _TIMES[kind] += end - start
         _CPU[kind] += time.process_time() - cpu
+        if group_wide and _COLLECTIVES is not None:
+            _COLLECTIVES.append((kind, start, end))
+
+
+@contextmanager
+def log_collectives() -> Iterator[list[tuple[str, float, float]]]:
+    """Record ``(kind, start, end)`` (``time.perf_counter``) of every group-wide call in the
+    block, in call order: with the other ranks' logs, ``late_waits`` tells waiting for a
+    rank that arrived later from the messages themselves."""
+    global _COLLECTIVES
+    log: list[tuple[str, float, float]] = []
+    previous, _COLLECTIVES = _COLLECTIVES, log
+    try:
+        yield log
+    finally:
+        _COLLECTIVES = previous
+
+
+def late_waits(logs: Sequence[Sequence[tuple[str, float, float]]]) -> list[float]:
+    """Per rank, the seconds spent in group-wide calls before the last rank arrived.
+
+    ``logs`` holds every rank's ``log_collectives`` record of the same calls, on one clock
+    (ranks on one machine). A rank that reaches a collective first waits there for the
+    slowest: that is load imbalance, not the cost of the messages, which is the rest of the
+    call (from the last arrival to the end).
+    """
+    if not logs:
+        return []
+    calls = [kind for kind, _, _ in logs[0]]
+    for r, log in enumerate(logs):
+        if [kind for kind, _, _ in log] != calls:
+            raise ValueError(
+                f"rank {r} logged the group-wide calls {[k for k, _, _ in log]}, rank 0 "
+                f"logged {calls}; the logs must cover the same calls"
+            )
+    waits = [0.0] * len(logs)
+    for i in range(len(calls)):
+        last = max(log[i][1] for log in logs)
+        for r, log in enumerate(logs):
+            _, start, end = log[i]
+            waits[r] += max(0.0, min(last, end) - start)
+    return waits
 
 
 def comm_times() -> dict[str, float]:

@@ -282,7 +282,7 @@ class _GradientSum:
             for i, p in enumerate(self.params)
         ]
         flat = torch.cat(local)
-        with timed("grads"):
+        with timed("grads", group_wide=True):
             dist.all_reduce(flat, group=self.dec.group)
         offset = 0
         for p in self.params:

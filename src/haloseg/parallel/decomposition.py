@@ -114,7 +114,7 @@ class Decomposition:
         # NCCL moves only GPU tensors; gloo takes CPU tensors.
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
         sizes = torch.tensor([list(local_shape)], dtype=torch.int64, device=device)
-        with timed("shapes"):
+        with timed("shapes", group_wide=True):
             gathered = gather_small(sizes, self.rank, self.peers, self.group)
         table = torch.cat(gathered).tolist()
         bounds = []
@@ -147,7 +147,7 @@ class Decomposition:
         flat = y.new_zeros(y.shape[0] * y.shape[1] * largest)
         flat[: y.numel()] = y.reshape(-1)
         parts = [torch.empty_like(flat) for _ in range(self.size)]
-        with timed("gather"):
+        with timed("gather", group_wide=True):
             dist.all_gather(parts, flat, group=self.group)
         for box, part in zip(boxes, parts, strict=True):
             shape = (*y.shape[:2], *(hi - lo for lo, hi in box))

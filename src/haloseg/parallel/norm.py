@@ -48,7 +48,7 @@ def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, 
 
 
 def _gather(local: torch.Tensor, dec: Decomposition) -> list[torch.Tensor]:
-    with timed("norm"):
+    with timed("norm", group_wide=True):
         return gather_small(local, dec.rank, dec.peers, dec.group)
 
 
@@ -107,7 +107,7 @@ class GlobalNormalize(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             sums = torch.stack([g_sum, g_xhat])
             if ctx.dec.size > 1:
-                with timed("norm"):
+                with timed("norm", group_wide=True):
                     sums = sum_small(sums, ctx.dec.rank, ctx.dec.peers, ctx.dec.group)
             s1, s2 = sums / ctx.count
             invstd = torch.rsqrt(var + ctx.eps)

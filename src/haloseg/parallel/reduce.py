@@ -25,7 +25,7 @@ def _all_reduce(
     t: torch.Tensor, dec: Decomposition, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 ) -> torch.Tensor:
     """``t`` reduced in place over the group (a forward collective: taped when checkpointed)."""
-    with timed("reduce"):
+    with timed("reduce", group_wide=True):
         dist.all_reduce(t, op=op, group=dec.group)
     return t
 
@@ -47,7 +47,7 @@ class _AllReduceSum(torch.autograd.Function):
         if ctx.replicated or ctx.dec.size == 1:
             return g, None, None
         g = g.clone()
-        with timed("reduce"):
+        with timed("reduce", group_wide=True):
             dist.all_reduce(g, group=ctx.dec.group)
         return g, None, None
 
@@ -98,7 +98,7 @@ class _GlobalMax(torch.autograd.Function):
         (local_arg,) = ctx.saved_tensors
         g = g.reshape(local_arg.shape).clone()
         if ctx.dec.size > 1:
-            with timed("reduce"):
+            with timed("reduce", group_wide=True):
                 dist.all_reduce(g, group=ctx.dec.group)
         n, c = ctx.shape[:2]
         grad = g.new_zeros(n, c, int(torch.tensor(ctx.shape[2:]).prod()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from unittest import mock
@@ -13,7 +14,7 @@ from unittest import mock
 from haloseg.errors import ConfigError, DependencyError
 from haloseg.tune.space import Resources
 
-__all__ = ["check_fits", "ray_cluster", "require_ray"]
+__all__ = ["check_cluster_flags", "check_fits", "ray_cluster", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,32 @@ def require_ray() -> ModuleType:
     return ray
 
 
+_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9.\-_]+:(\d{1,5})")
+
+
+def check_cluster_flags(address: str | None, cpus: int | None, gpus: int | None) -> None:
+    """One-line errors for a cluster address Ray cannot read and for impossible resources."""
+    if address is not None:
+        match = _ADDRESS.fullmatch(address)
+        if address != "auto" and (match is None or not 0 < int(match.group(2)) < 65536):
+            raise ConfigError(
+                f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT; give the "
+                "head node's address, e.g. --address 10.0.0.5:6379"
+            )
+        for flag, value in (("--cpus", cpus), ("--gpus", gpus)):
+            if value is not None:
+                raise ConfigError(
+                    f"{flag} {value} sizes a local Ray instance, but --address joins a "
+                    f"cluster that has its own; leave out {flag} (or --address)"
+                )
+    if cpus is not None and cpus < 1:
+        raise ConfigError(f"--cpus {cpus}: a local Ray instance needs at least 1 CPU; give a "
+                          "positive number, or leave it out to use every CPU")  # fmt: skip
+    if gpus is not None and gpus < 0:
+        raise ConfigError(f"--gpus {gpus}: the number of GPUs cannot be negative; give 0 or "
+                          "more, or leave it out to use every GPU")  # fmt: skip
+
+
 @contextlib.contextmanager
 def ray_cluster(
     address: str | None = None,
@@ -44,6 +71,7 @@ def ray_cluster(
     """Ray started on this machine (``address`` None) or joined at ``address``, for the
     duration of the block; yields the cluster's resources. A Ray already initialised in this
     process is used as it is and left running."""
+    check_cluster_flags(address, cpus, gpus)
     ray = require_ray()
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)

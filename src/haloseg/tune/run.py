@@ -4,6 +4,8 @@ early stopping, retries of crashed trials, and its results table written beside 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,10 +67,10 @@ def _scheduler(search: SearchSpec, base: RunConfig) -> Any:
                          reduction_factor=search.asha.reduction_factor)  # fmt: skip
 
 
-def _trainable(search: SearchSpec, base: RunConfig, path: str, trial: TrialFn) -> Any:
+def _trainable(search: SearchSpec, base: RunConfig, path: str, trial: TrialFn, scratch: str) -> Any:
     from ray import tune
 
-    setup = TrialSetup(base.to_dict(), base.parallel.size, search.resources, path)
+    setup = TrialSetup(base.to_dict(), base.parallel.size, search.resources, path, scratch)
     trainable = tune.with_parameters(trial, setup=setup)
     if setup.processes > 1:
         # The trial's own process only waits on its Ray Train workers, which hold the CPUs
@@ -81,13 +83,13 @@ def _trainable(search: SearchSpec, base: RunConfig, path: str, trial: TrialFn) -
 
 
 def _tuner(search: SearchSpec, base: RunConfig, path: str, concurrent: int,
-           progress: bool, trial: TrialFn) -> Any:  # fmt: skip
+           progress: bool, trial: TrialFn, scratch: str) -> Any:  # fmt: skip
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     parent, name = path.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
-        _trainable(search, base, path, trial),
+        _trainable(search, base, path, trial, scratch),
         param_space=_param_space(search),
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, num_samples=search.samples,
@@ -165,19 +167,23 @@ def run_search(
             f"--resume: no search to resume in {path}; check output_dir (and --storage), or "
             "leave out --resume to start one"
         )
-    if exists:
-        _check_same_search(search, folder)
-        log.info("resuming the search in %s", path)
-        tuner = tune.Tuner.restore(
-            path,
-            _trainable(search, base, path, trial),
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-    else:
-        tuner = _tuner(search, base, path, concurrent, progress, trial)
-        _write_inputs(base, search, folder)
-    grid = tuner.fit()
+    scratch = tempfile.mkdtemp(prefix="haloseg-tune-")
+    try:
+        if exists:
+            _check_same_search(search, folder)
+            log.info("resuming the search in %s", path)
+            tuner = tune.Tuner.restore(
+                path,
+                _trainable(search, base, path, trial, scratch),
+                resume_unfinished=True,
+                resume_errored=True,
+            )
+        else:
+            tuner = _tuner(search, base, path, concurrent, progress, trial, scratch)
+            _write_inputs(base, search, folder)
+        grid = tuner.fit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     results = collect_results(grid, search, base)
     results.write(folder)
     return results

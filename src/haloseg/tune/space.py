@@ -205,6 +205,30 @@ def _metric(spec: dict[str, Any], base: RunConfig, where: str) -> tuple[str, str
     return metric, mode
 
 
+def _metric_exists(metric: str, base: RunConfig, searched: set[str], where: str) -> None:
+    """A per-class or per-region Dice the trials will report, where the config says which."""
+    if not metric.startswith("dice_") or metric == "dice_mean":
+        return
+    name = metric[len("dice_") :]
+    regions = base.data.regions
+    if name in regions or "data.regions" in searched:
+        return
+    number = name[len("class") :] if name.startswith("class") else ""
+    classes = base.data.num_classes
+    if number.isdigit() and (classes is None or "data.num_classes" in searched):
+        return  # the dataset says how many classes there are
+    if number.isdigit() and 1 <= int(number) < classes:
+        return
+    known = ["dice_mean"] + [f"dice_class{c}" for c in range(1, classes or 0)]
+    known += [f"dice_{r}" for r in regions]
+    raise ConfigError(
+        f"{where}: metric={metric!r} is not reported by these trials"
+        + (f" (data.num_classes={classes})" if number.isdigit() else "")
+        + f"; use one of {', '.join(known)}"
+        + ("" if number.isdigit() or regions else ", or name a region under data.regions")
+    )
+
+
 def _section(spec: dict[str, Any], name: str, cls: type, where: str) -> Any:
     values = spec.get(name) or {}
     if not isinstance(values, dict):
@@ -250,6 +274,7 @@ def parse_search(spec: Any, base: RunConfig, where: str = "search") -> SearchSpe
         params.append(_param(key, rule, where))
         _check_values(params[-1], tree, where)
     metric, mode = _metric(spec, base, where)
+    _metric_exists(metric, base, {p.key for p in params}, where)
     asha = _section(spec, "asha", Asha, where)
     resources = _section(spec, "resources", Resources, where)
     _positive_resources(resources, where)

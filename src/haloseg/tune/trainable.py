@@ -10,6 +10,7 @@ storage, and hands it back to the restarted (retried, resumed) trial.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ class TrialSetup:
     """CPUs and GPUs of each process."""
     storage: str
     """The experiment's folder or URI (where multi-process trials keep their Train runs)."""
+    scratch: str | None = None
+    """Folder of the trials' run folders, removed when the search ends (a trial that ASHA
+    stops is killed before it can clean up); the system's temporary folder if None."""
 
     @property
     def threads(self) -> int:
@@ -48,7 +52,9 @@ def _train_here(
     values: dict[str, Any], setup: TrialSetup, checkpoint: Any, report: Reporter
 ) -> None:
     """Run one process of a trial in a scratch folder, from ``checkpoint`` if Ray has one."""
-    with tempfile.TemporaryDirectory(prefix="haloseg-trial-") as tmp:
+    if setup.scratch is not None:  # made on the driver's node; a worker may run elsewhere
+        os.makedirs(setup.scratch, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="haloseg-trial-", dir=setup.scratch) as tmp:
         cfg = trial_config(setup.base, values, Path(tmp) / "run")
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
