@@ -113,8 +113,9 @@ def test_trials_scratch_is_removed_when_the_search_ends(ray_2cpus, tmp_path):
 
     def killed_before_cleanup(values, setup):
         # What a trial that ASHA stops leaves: its run folder, never cleaned up by the trial.
-        (Path(setup.scratch) / f"haloseg-trial-{values['train.lr']}").mkdir(parents=True)
-        record.write_text(setup.scratch)
+        scratch = Path(tempfile.gettempdir()) / setup.scratch
+        (scratch / f"haloseg-trial-{values['train.lr']}").mkdir(parents=True)
+        record.write_text(str(scratch))
         tune_trial(values, setup)
 
     base = load_config(None, [*TINY, f"output_dir={tmp_path / 'search'}"])
@@ -163,7 +164,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_2cpus, tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    (done,) = _finished(folder)
+    finished = _finished(folder)
+    assert len(finished) == 1, (finished, (tmp_path / "first.log").read_text()[-3000:])
+    (done,) = finished
     record = (folder / f"trial-{done}" / "result.json").read_bytes()
     assert not (folder / "results.csv").exists()
 

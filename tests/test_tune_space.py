@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,19 @@ def test_more_resources_than_the_cluster_has():
         check_fits(Resources(cpus=1, gpus=1), 1, {"CPU": 8.0})
 
 
+def test_a_trial_process_must_fit_on_one_node():
+    nodes = [{"CPU": 4.0}, {"CPU": 4.0, "GPU": 1.0}]
+    cluster = {"CPU": 8.0, "GPU": 1.0}
+    # Whole trials per node: 2 + 2 of 2 CPUs; 1 + 1 of 2.5 CPUs, where the total of 8 says 3.
+    assert check_fits(Resources(cpus=2), 1, cluster, nodes) == 4
+    assert check_fits(Resources(cpus=2.5), 1, cluster, nodes) == 2
+    with pytest.raises(ConfigError, match=r"process needs 6 CPUs .*largest node .* has 4; "
+                                          r"lower resources.cpus to at most 4"):  # fmt: skip
+        check_fits(Resources(cpus=6), 1, cluster, nodes)
+    # Processes of a multi-process trial are placed one by one: 4 of 2 CPUs fit on 2 nodes.
+    assert check_fits(Resources(cpus=2), 4, cluster, nodes) == 1
+
+
 def test_cli_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     search = tmp_path / "search.yaml"
@@ -164,6 +178,8 @@ def test_trial_reports_and_restarts_from_its_checkpoint(base, tmp_path):
     [
         ("dice_class7", ["data.num_classes=3"], ["'dice_class7'", "num_classes=3", "dice_class2"]),
         ("dice_class0", ["data.num_classes=3"], ["'dice_class0'", "dice_class1, dice_class2"]),
+        ("dice_class01", ["data.num_classes=3"], ["'dice_class01'", "dice_class1, dice_class2"]),
+        ("dice_class²", [], ["'dice_class²'", "dice_mean"]),
         ("dice_tumour", ["data.num_classes=3"], ["'dice_tumour'", "data.regions"]),
         ("dice_tumour", ["data.num_classes=3", "data.regions={core: [1, 2]}"], ["dice_core"]),
     ],
@@ -210,9 +226,25 @@ def test_bad_cluster_flags_exit_2_in_one_line(flags, names, capsys):
         assert name in err[0], (name, err[0])
 
 
+def test_an_address_where_nothing_listens_fails_at_once(capsys):
+    from haloseg.parallel.spawn import free_port
+
+    pytest.importorskip("ray")
+    configs = REPO / "configs"
+    args = [str(configs / "ellipses-2d.yaml"), "parallel.grid=null",
+            "--search", str(configs / "search-ellipses.yaml")]  # fmt: skip
+    for address in (f"127.0.0.1:{free_port()}", f"[::1]:{free_port()}"):
+        start = time.perf_counter()
+        assert main(["tune", *args, "--address", address]) == 2
+        assert time.perf_counter() - start < 30
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cannot reach the Ray cluster at --address {address}" in err[0]
+
+
 def test_cluster_addresses_ray_reads_are_accepted():
     from haloseg.tune.cluster import check_cluster_flags
 
-    for address in ("auto", "127.0.0.1:6379", "ray://head.cluster:10001", "node-1:6379"):
+    for address in ("auto", "127.0.0.1:6379", "ray://head.cluster:10001", "node-1:6379",
+                    "[::1]:6379", "ray://[fe80::1]:10001"):  # fmt: skip
         check_cluster_flags(address, None, None)
     check_cluster_flags(None, 2, 0)

@@ -67,7 +67,8 @@ class Result:
     """The most time a rank spent in group-wide calls waiting for a rank that arrived later
     (load imbalance)."""
     transfer_s: float = 0.0
-    """The most communication time of a rank without that waiting: the messages themselves."""
+    """The most communication time of a rank without that waiting: the messages themselves.
+    (Each of the two is a maximum over the ranks of its own.)"""
     cpu_spread: float = 0.0
     """The slowest rank's CPU time for the step ÷ the fastest's, minus one: how unequal the
     ranks' compute on equal blocks is."""
@@ -94,7 +95,7 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         reset_peak()
         base = resident_kib("VmRSS")
         start, cpu = time.perf_counter(), time.process_time()
-        with log_collectives() as log:
+        with log_collectives() as calls:
             y = net(x)
             loss = F.cross_entropy(y, target) if grid is None else cross_entropy(y, target, dec)
             loss.backward()
@@ -103,9 +104,9 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
         del y, loss
         late = 0.0
         if grid is not None:  # the ranks share one clock: they run on this machine
-            logs: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(logs, log)
-            late = late_waits(logs)[dist.get_rank()]
+            logs: list[Any] = [None] * dec.size
+            dist.all_gather_object(logs, calls, group=dec.group)
+            late = late_waits(logs)[dec.rank]
         if step:  # the first step warms up caches and plans
             times.append(elapsed)
             cpus.append(cpu)

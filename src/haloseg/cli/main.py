@@ -143,9 +143,10 @@ def _bench_spatial(args: argparse.Namespace, console: Console) -> None:
             r["scenario"], r["mode"], str(r["ranks"]), r["allocator"], f"{r['step_s']:.2f}",
             f"{r['cpu_s']:.2f}",
             f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
-            f"{r['memory_vs_plain_over_P']:.2f}", f"{r['comm_share']:.1%}",
-            f"{r['late_wait_share']:.1%}", f"{r['transfer_share']:.1%}",
-            f"{r['cpu_spread']:.1%}", kinds,
+            f"{r['memory_vs_plain_over_P']:.2f}",
+            *("—" if r["mode"] == "plain PyTorch" else f"{r[k]:.1%}"
+              for k in ("comm_share", "late_wait_share", "transfer_share")),
+            "—" if r["ranks"] == 1 else f"{r['cpu_spread']:.1%}", kinds,
         )  # fmt: skip
     _emit(args, console, table, markdown(rows), rows)
 

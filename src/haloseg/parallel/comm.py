@@ -97,32 +97,42 @@ def timed(kind: str, *, group_wide: bool = False) -> Iterator[None]:
 def log_collectives() -> Iterator[list[tuple[str, float, float]]]:
     """Record ``(kind, start, end)`` (``time.perf_counter``) of every group-wide call in the
     block, in call order: with the other ranks' logs, ``late_waits`` tells waiting for a
-    rank that arrived later from the messages themselves."""
+    rank that arrived later from the messages themselves.
+
+    One log per process at a time (calls from autograd's thread go to it too). Meant for
+    gloo, whose collectives return when done; NCCL's return when launched, so the waiting
+    would show up later, outside the calls.
+    """
     global _COLLECTIVES
+    if _COLLECTIVES is not None:
+        raise RuntimeError("log_collectives is already recording in this process")
     log: list[tuple[str, float, float]] = []
-    previous, _COLLECTIVES = _COLLECTIVES, log
+    _COLLECTIVES = log
     try:
         yield log
     finally:
-        _COLLECTIVES = previous
+        _COLLECTIVES = None
 
 
 def late_waits(logs: Sequence[Sequence[tuple[str, float, float]]]) -> list[float]:
     """Per rank, the seconds spent in group-wide calls before the last rank arrived.
 
-    ``logs`` holds every rank's ``log_collectives`` record of the same calls, on one clock
-    (ranks on one machine). A rank that reaches a collective first waits there for the
-    slowest: that is load imbalance, not the cost of the messages, which is the rest of the
-    call (from the last arrival to the end).
+    ``logs`` holds the ``log_collectives`` records of the same calls by every rank of one
+    group, on one clock (ranks on one machine). A rank that reaches a collective first waits
+    there for the slowest: that is load imbalance, not the cost of the messages, which is
+    the rest of the call (from the last arrival to the end).
     """
     if not logs:
         return []
     calls = [kind for kind, _, _ in logs[0]]
     for r, log in enumerate(logs):
-        if [kind for kind, _, _ in log] != calls:
+        kinds = [kind for kind, _, _ in log]
+        if kinds != calls:
+            i = next((i for i, (a, b) in enumerate(zip(kinds, calls)) if a != b),
+                     min(len(kinds), len(calls)))  # fmt: skip
             raise ValueError(
-                f"rank {r} logged the group-wide calls {[k for k, _, _ in log]}, rank 0 "
-                f"logged {calls}; the logs must cover the same calls"
+                f"rank {r} logged {len(kinds)} group-wide calls and rank 0 {len(calls)}, "
+                f"differing from call {i} on; the logs must cover the same calls"
             )
     waits = [0.0] * len(logs)
     for i in range(len(calls)):

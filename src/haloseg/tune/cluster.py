@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from unittest import mock
@@ -14,7 +15,7 @@ from unittest import mock
 from haloseg.errors import ConfigError, DependencyError
 from haloseg.tune.space import Resources
 
-__all__ = ["check_cluster_flags", "check_fits", "ray_cluster", "require_ray"]
+__all__ = ["check_cluster_flags", "check_fits", "node_resources", "ray_cluster", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def require_ray() -> ModuleType:
     return ray
 
 
-_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9.\-_]+:(\d{1,5})")
+_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})")
+"""HOST:PORT or ray://HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one."""
 
 
 def check_cluster_flags(address: str | None, cpus: int | None, gpus: int | None) -> None:
@@ -59,6 +61,23 @@ def check_cluster_flags(address: str | None, cpus: int | None, gpus: int | None)
                           "more, or leave it out to use every GPU")  # fmt: skip
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error at once for an address where nothing listens (Ray itself would keep
+    retrying for minutes)."""
+    match = _ADDRESS.fullmatch(address)
+    assert match is not None  # check_cluster_flags ran first
+    host = match.group(1).strip("[]")
+    try:
+        socket.create_connection((host, int(match.group(2))), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(
+            f"cannot reach the Ray cluster at --address {address} ({reason}); check that the "
+            "head node runs ('ray start --head') and its port, or leave out --address for a "
+            "local instance"
+        ) from None
+
+
 @contextlib.contextmanager
 def ray_cluster(
     address: str | None = None,
@@ -72,6 +91,8 @@ def ray_cluster(
     duration of the block; yields the cluster's resources. A Ray already initialised in this
     process is used as it is and left running."""
     check_cluster_flags(address, cpus, gpus)
+    if address not in (None, "auto"):
+        _check_reachable(address)
     ray = require_ray()
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)
@@ -111,9 +132,15 @@ def ray_cluster(
         ray.shutdown()
 
 
-def check_fits(resources: Resources, processes: int, cluster: dict[str, float]) -> int:
+def check_fits(
+    resources: Resources,
+    processes: int,
+    cluster: dict[str, float],
+    nodes: list[dict[str, float]] | None = None,
+) -> int:
     """How many trials of ``processes`` processes holding ``resources`` each fit in
-    ``cluster`` at once; an error when not even one does."""
+    ``cluster`` at once; an error when not even one does. With ``nodes`` (each live node's
+    resources), a process must also fit on one node: Ray places each whole."""
     trials = []
     for name, key in (("cpus", "CPU"), ("gpus", "GPU")):
         need, have = getattr(resources, name) * processes, cluster.get(key, 0.0)
@@ -125,6 +152,23 @@ def check_fits(resources: Resources, processes: int, cluster: dict[str, float]) 
                 "processes per trial (parallel.grid, parallel.data), or use a larger cluster "
                 "(--address, or --cpus/--gpus for a local one)"
             )
+        one = getattr(resources, name)
+        largest = max((n.get(key, 0.0) for n in nodes), default=0.0) if nodes else have
+        if one > largest:
+            raise ConfigError(
+                f"a trial process needs {one:g} {key}s (resources.{name}={one:g}) but the "
+                f"largest node of the Ray cluster has {largest:g}; lower resources.{name} to "
+                f"at most {largest:g}, or add a node that large"
+            )
         if need > 0:
-            trials.append(int(have // need))
+            if nodes and processes == 1:  # whole trials per node
+                trials.append(sum(int(n.get(key, 0.0) // need) for n in nodes))
+            else:
+                trials.append(int(have // need))
     return max(1, min(trials))
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray this process is connected to."""
+    ray = require_ray()
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]

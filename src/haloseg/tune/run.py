@@ -4,6 +4,7 @@ early stopping, retries of crashed trials, and its results table written beside 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import yaml
 
 from haloseg.config import RunConfig, save_config
 from haloseg.errors import ConfigError
-from haloseg.tune.cluster import check_fits, require_ray
+from haloseg.tune.cluster import check_fits, node_resources, require_ray
 from haloseg.tune.report import Results, collect_results
 from haloseg.tune.space import SearchSpec
 from haloseg.tune.trainable import TrialSetup, trial_dirname, tune_trial
@@ -152,7 +153,9 @@ def run_search(
     if not ray.is_initialized():
         raise ConfigError("run_search needs Ray running; call it inside ray_cluster(...)")
     path = experiment_path(base, storage)
-    concurrent = check_fits(search.resources, base.parallel.size, ray.cluster_resources())
+    concurrent = check_fits(
+        search.resources, base.parallel.size, ray.cluster_resources(), node_resources()
+    )
     if search.max_concurrent is not None:
         concurrent = min(concurrent, search.max_concurrent)
     folder = Path(base.output_dir).resolve()
@@ -168,22 +171,26 @@ def run_search(
             "leave out --resume to start one"
         )
     scratch = tempfile.mkdtemp(prefix="haloseg-tune-")
+    name = os.path.basename(scratch)  # each node makes it in its own temporary folder
     try:
         if exists:
             _check_same_search(search, folder)
             log.info("resuming the search in %s", path)
             tuner = tune.Tuner.restore(
                 path,
-                _trainable(search, base, path, trial, scratch),
+                _trainable(search, base, path, trial, name),
                 resume_unfinished=True,
                 resume_errored=True,
             )
         else:
-            tuner = _tuner(search, base, path, concurrent, progress, trial, scratch)
+            tuner = _tuner(search, base, path, concurrent, progress, trial, name)
             _write_inputs(base, search, folder)
         grid = tuner.fit()
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            shutil.rmtree(scratch)
+        except OSError as e:
+            log.warning("cannot remove the trials' scratch folder %s: %s", scratch, e)
     results = collect_results(grid, search, base)
     results.write(folder)
     return results

@@ -213,19 +213,20 @@ def _metric_exists(metric: str, base: RunConfig, searched: set[str], where: str)
     regions = base.data.regions
     if name in regions or "data.regions" in searched:
         return
-    number = name[len("class") :] if name.startswith("class") else ""
+    match = re.fullmatch(r"class([1-9][0-9]*)", name)  # as the trials name them
     classes = base.data.num_classes
-    if number.isdigit() and (classes is None or "data.num_classes" in searched):
+    if match and (classes is None or "data.num_classes" in searched):
         return  # the dataset says how many classes there are
-    if number.isdigit() and 1 <= int(number) < classes:
+    if match and int(match.group(1)) < classes:
         return
+    number = match is not None
     known = ["dice_mean"] + [f"dice_class{c}" for c in range(1, classes or 0)]
     known += [f"dice_{r}" for r in regions]
     raise ConfigError(
         f"{where}: metric={metric!r} is not reported by these trials"
-        + (f" (data.num_classes={classes})" if number.isdigit() else "")
+        + (f" (data.num_classes={classes})" if number else "")
         + f"; use one of {', '.join(known)}"
-        + ("" if number.isdigit() or regions else ", or name a region under data.regions")
+        + ("" if number or regions else ", or name a region under data.regions")
     )
 
 

@@ -35,8 +35,9 @@ class TrialSetup:
     storage: str
     """The experiment's folder or URI (where multi-process trials keep their Train runs)."""
     scratch: str | None = None
-    """Folder of the trials' run folders, removed when the search ends (a trial that ASHA
-    stops is killed before it can clean up); the system's temporary folder if None."""
+    """Name of the folder, in each node's temporary folder, that holds the trials' run
+    folders; the driver's node removes its own when the search ends (a trial that ASHA
+    stops is killed before it can clean up). The temporary folder itself if None."""
 
     @property
     def threads(self) -> int:
@@ -52,9 +53,11 @@ def _train_here(
     values: dict[str, Any], setup: TrialSetup, checkpoint: Any, report: Reporter
 ) -> None:
     """Run one process of a trial in a scratch folder, from ``checkpoint`` if Ray has one."""
-    if setup.scratch is not None:  # made on the driver's node; a worker may run elsewhere
-        os.makedirs(setup.scratch, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="haloseg-trial-", dir=setup.scratch) as tmp:
+    scratch = None
+    if setup.scratch is not None:  # this node's own temporary folder
+        scratch = os.path.join(tempfile.gettempdir(), setup.scratch)
+        os.makedirs(scratch, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="haloseg-trial-", dir=scratch) as tmp:
         cfg = trial_config(setup.base, values, Path(tmp) / "run")
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
