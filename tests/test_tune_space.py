@@ -206,6 +206,13 @@ def test_metric_the_trials_report_is_accepted(metric, overrides):
     assert search.metric == metric
 
 
+def _tune_example(*flags: str, overrides: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """``haloseg tune`` of the example config and search, with ``flags``."""
+    configs = REPO / "configs"
+    return ["tune", str(configs / "ellipses-2d.yaml"), *overrides,
+            "--search", str(configs / "search-ellipses.yaml"), *flags]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("flags", "names"),
     [
@@ -217,9 +224,7 @@ def test_metric_the_trials_report_is_accepted(metric, overrides):
     ],
 )
 def test_bad_cluster_flags_exit_2_in_one_line(flags, names, capsys):
-    configs = REPO / "configs"
-    args = [str(configs / "ellipses-2d.yaml"), "--search", str(configs / "search-ellipses.yaml")]
-    assert main(["tune", *args, *flags]) == 2
+    assert main(_tune_example(*flags)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     for name in names:
@@ -230,12 +235,9 @@ def test_an_address_where_nothing_listens_fails_at_once(capsys):
     from haloseg.parallel.spawn import free_port
 
     pytest.importorskip("ray")
-    configs = REPO / "configs"
-    args = [str(configs / "ellipses-2d.yaml"), "parallel.grid=null",
-            "--search", str(configs / "search-ellipses.yaml")]  # fmt: skip
     for address in (f"127.0.0.1:{free_port()}", f"[::1]:{free_port()}"):
         start = time.perf_counter()
-        assert main(["tune", *args, "--address", address]) == 2
+        assert main(_tune_example("--address", address, overrides=["parallel.grid=null"])) == 2
         assert time.perf_counter() - start < 30
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"cannot reach the Ray cluster at --address {address}" in err[0]

@@ -38,11 +38,18 @@ _ADDRESS = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5}
 """HOST:PORT or ray://HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one."""
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``address``'s host (IPv6 without brackets) and port, or None if Ray cannot read it."""
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return None
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
 def check_cluster_flags(address: str | None, cpus: int | None, gpus: int | None) -> None:
     """One-line errors for a cluster address Ray cannot read and for impossible resources."""
     if address is not None:
-        match = _ADDRESS.fullmatch(address)
-        if address != "auto" and (match is None or not 0 < int(match.group(2)) < 65536):
+        if address != "auto" and _host_port(address) is None:
             raise ConfigError(
                 f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT; give the "
                 "head node's address, e.g. --address 10.0.0.5:6379"
@@ -64,11 +71,10 @@ def check_cluster_flags(address: str | None, cpus: int | None, gpus: int | None)
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A one-line error at once for an address where nothing listens (Ray itself would keep
     retrying for minutes)."""
-    match = _ADDRESS.fullmatch(address)
-    assert match is not None  # check_cluster_flags ran first
-    host = match.group(1).strip("[]")
+    host_port = _host_port(address)
+    assert host_port is not None  # check_cluster_flags ran first
     try:
-        socket.create_connection((host, int(match.group(2))), timeout=timeout).close()
+        socket.create_connection(host_port, timeout=timeout).close()
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ConfigError(
@@ -153,8 +159,8 @@ def check_fits(
                 "(--address, or --cpus/--gpus for a local one)"
             )
         one = getattr(resources, name)
-        largest = max((n.get(key, 0.0) for n in nodes), default=0.0) if nodes else have
-        if one > largest:
+        largest = max((n.get(key, 0.0) for n in nodes), default=0.0) if nodes else one
+        if one > largest:  # without nodes, the total above is the only bound
             raise ConfigError(
                 f"a trial process needs {one:g} {key}s (resources.{name}={one:g}) but the "
                 f"largest node of the Ray cluster has {largest:g}; lower resources.{name} to "
