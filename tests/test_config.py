@@ -152,7 +152,7 @@ def test_wrong_types(override, match):
     ("override", "match"),
     [
         ("device=tpu", r"device='tpu' is not one of auto, cpu, cuda"),
-        ("data.kind=png", r"data.kind='png' is not one of synthetic, msd, tiff, zarr"),
+        ("data.kind=png", r"data.kind='png' is not one of synthetic, msd, nnunet, tiff, zarr"),
         ("data.normalize=minmax", r"data.normalize='minmax' is not one of"),
         ("model.preset=huge", r"model.preset='huge' is not one of small, medium, large"),
         ("model.norm=layer", r"model.norm='layer' is not one of batch"),

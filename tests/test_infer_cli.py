@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 
+from _user_path import zscore
 from haloseg.cli.main import main
 from haloseg.inference import predict_whole
 from haloseg.inference.io import open_image
@@ -33,8 +33,9 @@ def image():
 
 
 def _whole_labels(run, image) -> np.ndarray:
-    model, _ = load_model(run)
-    return predict_whole(model, torch.from_numpy(image)[None], 8)[0].argmax(0).numpy()
+    model, spec = load_model(run)
+    assert spec.normalize == "zscore"
+    return predict_whole(model, zscore(image, "zscore")[None], 8)[0].argmax(0).numpy()
 
 
 def _read(path) -> np.ndarray:

@@ -8,6 +8,7 @@ from haloseg.errors import (
     HalosegError,
     UnsupportedLayerError,
 )
+from haloseg.evaluation import evaluate, evaluate_case
 from haloseg.inference import ReceptiveField, predict_tiled, receptive_field
 from haloseg.memory import ActivationSwapper, checkpoint_levels, plan, step_memory
 from haloseg.models import UNet, unet_preset
@@ -37,6 +38,8 @@ __all__ = [
     "accuracy",
     "checkpoint_levels",
     "cross_entropy",
+    "evaluate",
+    "evaluate_case",
     "global_sum",
     "load_config",
     "plan",

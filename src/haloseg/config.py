@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from haloseg.data.normalize import NORMALIZE
 from haloseg.errors import ConfigError
 
 __all__ = [
     "DataConfig",
+    "check_ignore_label",
     "MemoryConfig",
     "ModelConfig",
     "ParallelConfig",
@@ -32,13 +34,21 @@ __all__ = [
     "save_config",
 ]
 
-DATA_KINDS = ("synthetic", "msd", "tiff", "zarr")
-NORMALIZE = ("zscore", "zscore_nonzero", "none")
+DATA_KINDS = ("synthetic", "msd", "nnunet", "tiff", "zarr")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def check_ignore_label(ignore_label: int | None, num_classes: int | None) -> None:
+    """Refuse an ignore label that is one of the classes ``0..num_classes-1``."""
+    if ignore_label is not None and num_classes is not None and ignore_label < num_classes:
+        raise ConfigError(
+            f"data.ignore_label={ignore_label} is inside the class range 0..{num_classes - 1}; "
+            f"give a value >= {num_classes} (e.g. data.ignore_label=255)"
+        )
 
 
 def _positive(name: str, value: float, *, zero: bool = False) -> None:
@@ -51,7 +61,8 @@ class DataConfig:
     """Where the images come from and how they are prepared."""
 
     kind: str = "synthetic"
-    """synthetic | msd (Decathlon folder) | tiff (folder with images/ and labels/) | zarr."""
+    """synthetic | msd (Decathlon folder) | nnunet (nnU-Net v2 raw folder) | tiff (folder
+    with images/ and labels/) | zarr."""
     path: str | None = None
     """Dataset folder or zarr store (not for synthetic)."""
     num_classes: int | None = None
@@ -77,6 +88,9 @@ class DataConfig:
     ignored by loss and metrics); if false, such images are an error naming valid sizes."""
     regions: dict[str, list[int]] = field(default_factory=dict)
     """Named unions of labels scored as extra Dice metrics, e.g. BraTS WT: [1, 2, 3]."""
+    ignore_label: int | None = None
+    """Label value excluded from loss and metrics (e.g. 255 for nodata or unannotated
+    voxels); must lie outside the classes 0..num_classes-1."""
 
     def __post_init__(self) -> None:
         _choice("data.kind", self.kind, DATA_KINDS)
@@ -95,6 +109,9 @@ class DataConfig:
                     f"data.regions[{name!r}]={labels}: a region needs a name other than 'mean' "
                     "or 'classN' (those are per-class metrics) and at least one label"
                 )
+        if self.ignore_label is not None:
+            _positive("data.ignore_label", self.ignore_label, zero=True)
+            check_ignore_label(self.ignore_label, self.num_classes)
         _positive("data.num_images", self.num_images)
         _positive("data.in_channels", self.in_channels)
         _positive("data.noise", self.noise, zero=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from haloseg.cli import evaluate as evaluate_cli
 from haloseg.cli import plan as plan_cli
 from haloseg.cli import tune as tune_cli
 from haloseg.errors import ConfigError, HalosegError
@@ -74,23 +75,47 @@ def _infer(args: argparse.Namespace, console: Console) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from haloseg.inference.budget import parse_bytes
-    from haloseg.inference.run import infer
+    from haloseg.inference.run import infer, infer_folder
 
     budget = parse_bytes(args.max_memory) if args.max_memory else None
+    source = Path(args.input)
+    many = source.is_dir() and source.suffix != ".zarr" or source.name == "dataset.json"
     with Progress("[bold]infer", BarColumn(), MofNCompleteColumn(), "tiles",
                   TimeRemainingColumn(), disable=args.no_progress) as bar:  # fmt: skip
         task = bar.add_task("infer", total=None)
-        result = infer(
-            args.checkpoint, args.input, args.output, tile=args.tile, max_memory=budget,
-            output=args.output_type, batch_size=args.batch_size, device=args.device,
+        options = dict(
+            tile=args.tile, max_memory=budget, output=args.output_type,
+            batch_size=args.batch_size, device=args.device, grid=args.grid,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
-            preview=args.preview,
         )  # fmt: skip
-    console.print(
-        f"wrote {args.output}: {'x'.join(map(str, result['shape']))}, tiles of "
-        f"{'x'.join(map(str, result['tile']))} + halo {result['halo'][0]} per side"
-        + (f", preview {args.preview}" if args.preview else "")
-    )
+        if many:
+
+            def on_case(name: str, number: int, total: int, skipped: bool) -> None:
+                bar.reset(task, total=None)
+                verb = "exists, skipped" if skipped else "predicting"
+                bar.console.print(f"[{number}/{total}] {name}: {verb}")
+
+            results = infer_folder(args.checkpoint, source, args.output,
+                                   suffix=args.output_suffix, on_case=on_case,
+                                   **options)  # fmt: skip
+        else:
+            results = [infer(args.checkpoint, source, args.output, preview=args.preview,
+                             **options)]  # fmt: skip
+    if many:
+        console.print(f"wrote {len(results)} prediction(s) into {args.output}")
+    preview = f", preview {args.preview}" if args.preview and not many else ""
+    for r in results:
+        console.print(f"wrote {r.get('output', args.output)}: {_describe_inference(r)}{preview}")
+
+
+def _describe_inference(r: dict) -> str:
+    shape = "x".join(map(str, r["shape"]))
+    norm = f", {r['normalize']} normalised" if r["normalize"] != "none" else ""
+    if r["mode"] == "tiles":
+        tile = "x".join(map(str, r["tile"]))
+        return f"{shape}, tiles of {tile} + halo {r['halo'][0]} per side{norm}"
+    grid = "x".join(map(str, r["grid"]))
+    return f"{shape}, whole-image forward over a {grid} grid of processes{norm}"
 
 
 def _data_synth(args: argparse.Namespace, console: Console) -> None:
@@ -100,9 +125,10 @@ def _data_synth(args: argparse.Namespace, console: Console) -> None:
         args.shape, num_images=args.num_images, num_classes=args.num_classes,
         in_channels=args.in_channels, noise=args.noise, seed=args.seed,
     )  # fmt: skip
-    out = export_dataset(dataset, args.out, args.format)
+    out = export_dataset(dataset, args.out, args.format, scanner=args.scanner)
     shape = "x".join(map(str, args.shape))
-    console.print(f"wrote {args.num_images} {shape} ellipse images as {args.format}: {out}")
+    look = " with scanner-like intensities and geometry" if args.scanner else ""
+    console.print(f"wrote {args.num_images} {shape} ellipse images as {args.format}{look}: {out}")
 
 
 def _emit(args: argparse.Namespace, console: Console, table: Table, md: str, rows: list) -> None:
@@ -241,10 +267,17 @@ def _parser() -> argparse.ArgumentParser:
         "--plan", action="store_true", help="print the predicted memory per device and stop"
     )
     train.set_defaults(run=_train)
-    inf = sub.add_parser("infer", help="exact tiled inference of an image file")
+    inf = sub.add_parser("infer", help="exact inference of an image file or a folder of them")
     inf.add_argument("--checkpoint", required=True, help="run folder or checkpoint .pt")
-    inf.add_argument("--input", required=True, help=".npy, .zarr, .tif, .nii(.gz) image")
-    inf.add_argument("--output", required=True, help=".npy, .zarr, .tif or .nii(.gz) result")
+    inf.add_argument("--input", required=True, help=".npy, .zarr, .tif, .nii(.gz) image; or a "
+                     "folder of them (nnU-Net CASE_0000 channel files grouped), or a Decathlon "
+                     "dataset.json (its test list)")  # fmt: skip
+    inf.add_argument("--output", required=True, help=".npy, .zarr, .tif or .nii(.gz) result; "
+                     "a folder for a folder input")  # fmt: skip
+    inf.add_argument("--output-suffix", help="suffix of a folder's outputs, e.g. .nii.gz "
+                     "(default: each input's own)")  # fmt: skip
+    inf.add_argument("--grid", type=int, nargs="+", help="split the image over this grid of "
+                     "processes (torchrun) and run one whole-image forward pass")  # fmt: skip
     inf.add_argument("--tile", type=int, nargs="+", help="tile core size (one or per axis)")
     inf.add_argument("--max-memory", help="choose the tile from a budget, e.g. 2GB")
     inf.add_argument("--output-type", default="labels",
@@ -266,7 +299,11 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--in-channels", type=int, default=1)
     synth.add_argument("--noise", type=float, default=0.4)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scanner", action="store_true", help="raw intensities and a real "
+                       "geometry: MRI-like values in a 0.9x0.9x2.5 mm affine (msd), uint16 "
+                       "bands georeferenced in UTM 33N (tiff)")  # fmt: skip
     synth.set_defaults(run=_data_synth)
+    evaluate_cli.add_parser(sub)
     plan_cli.add_parser(sub)
     tune_cli.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (tables + JSON)")

@@ -19,8 +19,11 @@ def image_block(block: np.ndarray, name: str) -> np.ndarray:
     return image
 
 
-def label_block(block: np.ndarray, name: str, num_classes: int) -> np.ndarray:
-    """``block`` as int64 after checking it holds whole class ids in ``[0, num_classes)``."""
+def label_block(
+    block: np.ndarray, name: str, num_classes: int, ignore_label: int | None = None
+) -> np.ndarray:
+    """``block`` as int64 after checking it holds whole class ids in ``[0, num_classes)``
+    (or ``ignore_label``)."""
     block = np.asarray(block)
     if block.dtype.kind == "f" and not np.array_equal(block, np.rint(block)):
         raise DataError(
@@ -28,11 +31,13 @@ def label_block(block: np.ndarray, name: str, num_classes: int) -> np.ndarray:
             "store the label map as integers"
         )
     label = np.ascontiguousarray(block, dtype=np.int64)
-    if label.size and (label.min() < 0 or label.max() >= num_classes):
+    classes = label if ignore_label is None else label[label != ignore_label]
+    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+        label = classes
         raise DataError(
             f"{name} holds label values {int(label.min())}..{int(label.max())}; expected "
-            f"0..{num_classes - 1} for num_classes={num_classes}; remap the labels or raise "
-            "num_classes"
+            f"0..{num_classes - 1} for num_classes={num_classes}; remap the labels, raise "
+            "num_classes or name the value data.ignore_label"
         )
     return label
 

@@ -29,6 +29,10 @@ class SampleInfo:
     """Human-readable id (file name or index), used in error messages and logs."""
     shape: tuple[int, ...]
     """Spatial shape ``(*spatial)`` of image and label."""
+    spacing: tuple[float, ...] | None = None
+    """Voxel size per spatial dim in the file's units (mm for NIfTI), where the file says."""
+    orientation: str | None = None
+    """Axis codes of the voxel axes, e.g. ``"RAS"`` (NIfTI), where the file says."""
 
 
 @runtime_checkable

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,19 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 
 from haloseg.data._blocks import check_index, image_block, label_block, select_indices
+from haloseg.data._nifti import (
+    check_case_count,
+    check_case_shapes,
+    load,
+    read_block,
+    read_json,
+)
 from haloseg.data.base import Box, SampleInfo, check_box
 from haloseg.errors import DataError
 
 __all__ = ["MSDDataset", "write_msd"]
-
-# What nibabel raises for a file that is not NIfTI, is truncated, or fails to decompress.
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class _Opened:
     image: Any
     label: Any
     shape: tuple[int, int, int]
+    spacing: tuple[float, ...]
+    orientation: str
 
 
 class MSDDataset:
@@ -56,11 +60,20 @@ class MSDDataset:
 
     spatial_dims = 3
 
-    def __init__(self, root: str | Path, *, indices: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        indices: Sequence[int] | None = None,
+        ignore_label: int | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.ignore_label = ignore_label
         spec = _load_spec(self.root / "dataset.json")
         self.in_channels = len(spec["modality"])
         self.num_classes = len(spec["labels"])
+        self.channel_names = [spec["modality"][k] for k in sorted(spec["modality"], key=int)]
+        self.label_names = [spec["labels"][k] for k in sorted(spec["labels"], key=int)]
         cases = _cases(spec["training"], self.root)
         self._cases = [cases[i] for i in select_indices(indices, len(cases), str(self.root))]
         self._opened: dict[int, _Opened] = {}
@@ -74,22 +87,23 @@ class MSDDataset:
 
     def info(self, index: int) -> SampleInfo:
         opened = self._open(index)
-        return SampleInfo(name=self._cases[index].image.name, shape=opened.shape)
+        return SampleInfo(name=self._cases[index].image.name, shape=opened.shape,
+                          spacing=opened.spacing, orientation=opened.orientation)  # fmt: skip
 
     def read(self, index: int, box: Box) -> tuple[np.ndarray, np.ndarray]:
         opened = self._open(index)
         case = self._cases[index]
         slices = check_box(box, opened.shape, str(case.image))
         channels = (slice(None),) * (opened.image.ndim - 3)
-        image = _read_block(opened.image, slices + channels, case.image)
+        image = read_block(opened.image, slices + channels, case.image)
         if image.ndim == 3:
             image = image[None]
         else:
             image = np.moveaxis(image, -1, 0)
-        label = _read_block(opened.label, slices, case.label)
+        label = read_block(opened.label, slices, case.label)
         return (
             image_block(image, str(case.image)),
-            label_block(label, str(case.label), self.num_classes),
+            label_block(label, str(case.label), self.num_classes, self.ignore_label),
         )
 
     def _open(self, index: int) -> _Opened:
@@ -101,19 +115,12 @@ class MSDDataset:
 
 def _load_spec(path: Path) -> dict[str, Any]:
     """The parsed ``dataset.json``, with the keys the reader needs checked."""
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist; point at a Medical Segmentation Decathlon task folder "
-            "(the one holding dataset.json, imagesTr and labelsTr)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"{path} is not valid JSON ({exc}); restore it from the task archive"
-        ) from exc
-    if not isinstance(spec, dict):
-        raise DataError(f"{path} holds a {type(spec).__name__}; expected a JSON object")
+    spec = read_json(
+        path,
+        missing="point at a Medical Segmentation Decathlon task folder "
+        "(the one holding dataset.json, imagesTr and labelsTr)",
+        corrupt="restore it from the task archive",
+    )
     for key, kind in (("modality", dict), ("labels", dict), ("training", list)):
         if not isinstance(spec.get(key), kind):
             raise DataError(
@@ -164,7 +171,7 @@ def _inside(root: Path, relative: str) -> Path:
 
 def _open_case(case: _Case, in_channels: int) -> _Opened:
     """Headers of ``case``, checked: 3-D label, 3-D or 4-D image, same grid, channel count."""
-    image, label = _load(case.image), _load(case.label)
+    image, label = load(case.image), load(case.label)
     if image.ndim not in (3, 4):
         raise DataError(
             f"{case.image} has shape {image.shape}; expected (H, W, D) or (H, W, D, channels)"
@@ -182,27 +189,11 @@ def _open_case(case: _Case, in_channels: int) -> _Opened:
             f"{case.image} has {channels} channels (4th NIfTI axis) but dataset.json lists "
             f"{in_channels} modalities; fix 'modality' or the image"
         )
-    return _Opened(image=image.dataobj, label=label.dataobj, shape=label.shape)
-
-
-def _load(path: Path) -> Any:
-    """The nibabel image of ``path``: header parsed, data left on disk."""
-    try:
-        return nib.load(path)
-    except _READ_ERRORS as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def _read_block(proxy: Any, slices: tuple[slice, ...], path: Path) -> np.ndarray:
-    """The voxels of ``slices`` from the array proxy of ``path``, naming it if reading fails."""
-    try:
-        return np.asarray(proxy[slices])
-    except _READ_ERRORS as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def _unreadable(path: Path, exc: Exception) -> DataError:
-    return DataError(f"{path} is not a readable NIfTI file ({exc}); re-export or re-download it")
+    return _Opened(
+        image=image.dataobj, label=label.dataobj, shape=label.shape,
+        spacing=tuple(float(z) for z in image.header.get_zooms()[:3]),
+        orientation="".join(nib.aff2axcodes(image.affine)),
+    )  # fmt: skip
 
 
 def write_msd(
@@ -213,11 +204,13 @@ def write_msd(
     modality: list[str],
     labels_names: list[str],
     compress: bool = True,
+    affine: np.ndarray | None = None,
 ) -> Path:
     """Write ``images`` ``(C, H, W, D)`` and ``labels`` ``(H, W, D)`` as an MSD task in ``root``.
 
     Cases are named ``case_000`` onwards; one-channel images are written 3-D, others 4-D with
-    channels last, as in the Decathlon. Returns the path of ``dataset.json``.
+    channels last, as in the Decathlon, all with ``affine`` (identity if omitted) as qform
+    and sform. Returns the path of ``dataset.json``.
     """
     _check_writable(images, labels, len(modality), len(labels_names))
     root = Path(root)
@@ -231,9 +224,8 @@ def write_msd(
         entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
         data = np.asarray(image, dtype=np.float32)
         data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
-        nib.save(nib.Nifti1Image(data, np.eye(4)), root / entry["image"])
-        label_data = np.asarray(label, dtype=label_dtype)
-        nib.save(nib.Nifti1Image(label_data, np.eye(4)), root / entry["label"])
+        nib.save(_nifti(data, affine), root / entry["image"])
+        nib.save(_nifti(np.asarray(label, dtype=label_dtype), affine), root / entry["label"])
         training.append(entry)
     spec = {
         "name": root.name,
@@ -250,26 +242,22 @@ def write_msd(
     return path
 
 
+def _nifti(data: np.ndarray, affine: np.ndarray | None) -> nib.Nifti1Image:
+    """``data`` as a NIfTI image whose qform and sform (scanner coordinates, mm) are ``affine``."""
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    return image
+
+
 def _check_writable(
     images: Sequence[np.ndarray], labels: Sequence[np.ndarray], channels: int, classes: int
 ) -> None:
     """Refuse cases ``write_msd`` would write inconsistently with ``dataset.json``."""
-    if len(images) != len(labels) or not images:
-        raise DataError(
-            f"got {len(images)} images and {len(labels)} labels; expected the same number, "
-            "at least one"
-        )
+    check_case_count(images, labels)
     for number, (image, label) in enumerate(zip(images, labels, strict=True)):
-        if np.ndim(image) != 4 or np.shape(image)[0] != channels:
-            raise DataError(
-                f"image {number} has shape {np.shape(image)}; expected ({channels}, H, W, D) "
-                f"for {channels} modalities"
-            )
-        if np.shape(label) != np.shape(image)[1:]:
-            raise DataError(
-                f"label {number} has shape {np.shape(label)}; expected {np.shape(image)[1:]}, "
-                "the spatial shape of its image"
-            )
+        check_case_shapes(number, image, label, channels, "modalities")
         if np.size(label) and not 0 <= np.min(label) <= np.max(label) < classes:
             raise DataError(
                 f"label {number} holds values {np.min(label)}..{np.max(label)}; expected "

@@ -27,8 +27,9 @@ __all__ = ["TiffDataset", "write_tiff"]
 
 ChannelAxis = Literal["auto", "first", "last"]
 
-# What tifffile raises for a file that is not TIFF, is truncated, or fails to decode.
-_READ_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, zlib.error)
+# What tifffile raises for a file that is not TIFF, is truncated, or fails to decode (its
+# codecs from imagecodecs raise RuntimeError subclasses, e.g. DeflateError, LzwError).
+_READ_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, RuntimeError, zlib.error)
 
 # Open scenes kept per process; each holds a file handle, so this bounds descriptors too.
 _MAX_OPEN = 16
@@ -91,7 +92,9 @@ class TiffDataset:
         *,
         num_classes: int,
         channel_axis: ChannelAxis = "auto",
+        ignore_label: int | None = None,
     ) -> None:
+        self.ignore_label = ignore_label
         if channel_axis not in ("auto", "first", "last"):
             raise DataError(f"channel_axis {channel_axis!r} is not one of 'auto', 'first', 'last'")
         if num_classes < 2:
@@ -113,7 +116,12 @@ class TiffDataset:
 
     @classmethod
     def from_folder(
-        cls, root: str | Path, *, num_classes: int, channel_axis: ChannelAxis = "auto"
+        cls,
+        root: str | Path,
+        *,
+        num_classes: int,
+        channel_axis: ChannelAxis = "auto",
+        ignore_label: int | None = None,
     ) -> TiffDataset:
         """The scenes ``root/images/NAME.tif`` paired with ``root/labels/NAME.tif``."""
         root = Path(root)
@@ -129,7 +137,8 @@ class TiffDataset:
                 raise DataError(
                     f"{image} has no label map; expected {label}; add it or remove the image"
                 )
-        return cls(images, labels, num_classes=num_classes, channel_axis=channel_axis)
+        return cls(images, labels, num_classes=num_classes, channel_axis=channel_axis,
+                   ignore_label=ignore_label)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.images)
@@ -157,7 +166,7 @@ class TiffDataset:
         label = _read(opened.label, (rows, cols), label_path)
         return (
             image_block(image, str(image_path)),
-            label_block(label, str(label_path), self.num_classes),
+            label_block(label, str(label_path), self.num_classes, self.ignore_label),
         )
 
     def close(self) -> None:
@@ -246,12 +255,15 @@ def write_tiff(
     tile: tuple[int, int] | None = (256, 256),
     planar: bool = True,
     compress: bool = True,
+    geotags: dict[int, tuple] | None = None,
 ) -> Path:
     """Write ``array`` ``(H, W)`` or ``(bands, H, W)`` as a TIFF file; returns ``path``.
 
     ``tile`` gives the tile shape (multiples of 16), ``None`` writes strips; ``planar`` stores
     bands as separate planes ``(bands, H, W)``, otherwise interleaved ``(H, W, bands)``;
-    ``compress`` uses zlib (an uncompressed striped file is what the reader memory-maps).
+    ``compress`` uses zlib (an uncompressed striped file is what the reader memory-maps);
+    ``geotags`` maps GeoTIFF tag codes (33550 pixel scale, 33922 tie point, 34264
+    transformation: doubles; 34735 GeoKey directory: shorts) to their values.
     """
     array = np.asarray(array)
     if array.ndim not in (2, 3):
@@ -271,5 +283,7 @@ def write_tiff(
         planarconfig=("separate" if planar else "contig") if array.ndim == 3 else None,
         tile=tile,
         compression="zlib" if compress else None,
-    )
+        extratags=[(code, "H" if code == 34735 else "d", len(v), tuple(v), True)
+                   for code, v in (geotags or {}).items()],
+    )  # fmt: skip
     return path

@@ -40,8 +40,10 @@ class ZarrDataset:
         label_key: str = "labels",
         indices: Sequence[int] | None = None,
         num_classes: int | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         self.path = Path(path)
+        self.ignore_label = ignore_label
         self.image_key, self.label_key = image_key, label_key
         group = _open_group(self.path)
         images, labels = (_member(group, self.path, key) for key in (image_key, label_key))
@@ -73,7 +75,8 @@ class ZarrDataset:
             self._arrays = (group[self.image_key], group[self.label_key])
         image = _read(self._arrays[0], (sample, slice(None), *slices), name)
         label = _read(self._arrays[1], (sample, *slices), label_name)
-        return image_block(image, name), label_block(label, label_name, self.num_classes)
+        label = label_block(label, label_name, self.num_classes, self.ignore_label)
+        return image_block(image, name), label
 
     def _name(self, index: int) -> str:
         return f"{self.path}/{self.image_key}[{self._indices[index]}]"

@@ -9,6 +9,7 @@ labels (uint8 arg-max) or scores (float16 by default).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haloseg.errors import ConfigError
+from haloseg.inference.preprocess import Normalization, image_statistics
 from haloseg.inference.receptive import ReceptiveField, receptive_field
 from haloseg.inference.tiles import Merger, Tile, aligned_tile, batches, plan_tiles, read_tile
 
@@ -51,7 +53,11 @@ def _upload(x: torch.Tensor, device: torch.device, stream: Any) -> tuple[torch.T
 
 
 def _read_ahead(
-    source: Any, groups: list[list[Tile]], depth: int, device: torch.device
+    source: Any,
+    groups: list[list[Tile]],
+    depth: int,
+    device: torch.device,
+    read: Callable[[Any, Tile], np.ndarray] = read_tile,
 ) -> Iterator[tuple[list[Tile], torch.Tensor]]:
     """Yield (tiles, stacked input) while a thread reads the next ``depth`` batches.
 
@@ -65,7 +71,7 @@ def _read_ahead(
     def work() -> None:
         try:
             for group in groups:
-                x = torch.from_numpy(np.stack([read_tile(source, t) for t in group]))
+                x = torch.from_numpy(np.stack([read(source, t) for t in group]))
                 item = (group, *(_upload(x, device, stream) if stream else (x, None)))
                 while not stop.is_set():
                     try:
@@ -110,6 +116,8 @@ def predict_tiled(
     progress: Callable[[int, int], None] | None = None,
     part: tuple[int, int] = (0, 1),
     channels_last: bool | None = None,
+    normalize: str | Normalization = "none",
+    name: str = "the image",
 ) -> Any:
     """Exactly what one forward pass over the whole ``image`` gives, computed tile by tile.
 
@@ -121,7 +129,11 @@ def predict_tiled(
     (float16 scores). ``progress(done, total)`` is called after every batch. ``part=(k, n)``
     runs only every n-th tile from the k-th (one of n processes writing into a shared ``out``).
     ``channels_last`` (default: on CPU) runs a copy of the model in channels-last memory
-    format, whose CPU convolutions are up to 1.6x faster on large tiles.
+    format, whose CPU convolutions are up to 1.6x faster on large tiles. ``normalize``:
+    the intensity normalisation the model was trained with (``zscore``, ``zscore_nonzero``
+    or ``none``), whose whole-image statistics are gathered first by a pass over tile-sized
+    chunks; or a ``Normalization`` already computed (every process of a distributed run
+    must use the same). Every tile read is checked for NaN/Inf (an error naming ``name``).
     """
     spatial_dims = len(image.shape) - 1
     if len(tile_size) != spatial_dims:
@@ -131,7 +143,10 @@ def predict_tiled(
         )
     model = model.eval()
     rf = rf or receptive_field(model, spatial_dims)
-    tiles = plan_tiles(image.shape[1:], aligned_tile(tile_size, rf.alignment), rf)
+    core = aligned_tile(tile_size, rf.alignment)
+    if isinstance(normalize, str):
+        normalize = image_statistics(image, normalize, core, name=name)
+    tiles = plan_tiles(image.shape[1:], core, rf)
     tiles = tiles[part[0] :: part[1]]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -144,7 +159,8 @@ def predict_tiled(
     done = 0
     groups = list(batches(tiles, batch_size))
     with torch.no_grad():
-        for group, x in _read_ahead(image, groups, read_ahead, device):
+        read = functools.partial(read_tile, transform=normalize, name=name)
+        for group, x in _read_ahead(image, groups, read_ahead, device, read):
             x = x.to(device, dtype, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=fmt)

@@ -62,9 +62,10 @@ _SPATIAL = {
     F.pixel_unshuffle, torch.roll, torch.flip, torch.Tensor.roll, torch.Tensor.flip,
 }  # fmt: skip
 _NORM_HINT = (
-    "; tiles would see other statistics than the whole image. Run it on whole images split "
-    "over processes instead (haloseg.spatial_parallel, or haloseg infer under torchrun "
-    "with --grid), or use BatchNorm (eval mode) / InstanceNorm with track_running_stats"
+    "; tiles would see other statistics than the whole image. Run it on whole images: "
+    "haloseg infer does so by itself (one process when the image fits --max-memory, or "
+    "torchrun --nproc-per-node N -m haloseg infer ... --grid ...), and from Python "
+    "haloseg.spatial_parallel"
 )
 
 

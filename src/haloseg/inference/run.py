@@ -1,16 +1,23 @@
-"""``infer``: a trained checkpoint applied to an image file, tile by tile, into a file.
+"""``infer``: a trained run applied to an image file (or a folder of them), into files that
+keep the input's geometry.
 
-Under torchrun every process takes every n-th tile and writes its cores into the shared
+The run's spec rebuilds the network and replays its preprocessing (normalisation with
+whole-image statistics from a streaming pass). Networks of local layers run tile by tile:
+under torchrun every process takes every n-th tile and writes its cores into the shared
 output (a memmap or a zarr array whose chunks are the tile cores, so no two processes write
-one chunk); rank 0 creates and finishes the output.
+one chunk). Networks whose statistics span the image run one whole-image forward pass,
+split over the processes by the spatial engine. Rank 0 creates and finishes the output.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,47 +26,61 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haloseg.errors import ConfigError, DataError
-from haloseg.inference.budget import tile_for_budget
-from haloseg.inference.io import create_output, open_image, reopen_output
+from haloseg.errors import ConfigError, DataError, UnsupportedLayerError
+from haloseg.inference.budget import bytes_per_voxel, tile_for_budget
+from haloseg.inference.cases import find_cases, stack_channels
+from haloseg.inference.io import (
+    SUFFIXES,
+    Output,
+    create_output,
+    open_image,
+    read_geometry,
+    reopen_output,
+)
 from haloseg.inference.predict import predict_tiled
-from haloseg.inference.receptive import receptive_field
+from haloseg.inference.preprocess import Normalization, image_moments
+from haloseg.inference.receptive import ReceptiveField, receptive_field
 from haloseg.inference.tiles import aligned_tile
+from haloseg.inference.whole import auto_grid, block_chunks, predict_whole_image, whole_image_bytes
 from haloseg.models import unet_preset
+from haloseg.parallel import Decomposition
+from haloseg.parallel.convert import downsampling_factor
 from haloseg.resident import resident_kib
 from haloseg.training.checkpoint import load_checkpoint
+from haloseg.training.setup import agree
+from haloseg.training.spec import RunSpec, spec_from_state
 
-__all__ = ["infer", "load_model"]
+__all__ = ["infer", "infer_folder", "load_model", "open_source"]
 
 log = logging.getLogger(__name__)
 
+Source = str | os.PathLike | Sequence[str | os.PathLike]
+"""An image file, or one file per channel (an nnU-Net case: ``CASE_0000.nii.gz``, ...)."""
 
-def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict[str, int]]:
-    """The model of a run folder's latest checkpoint (or of a checkpoint file), in eval mode."""
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a file torch cannot read is a bad file
+            raise DataError(f"{path} is not a readable checkpoint ({e})") from None
+    return load_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+
+
+def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, RunSpec]:
+    """The model of a run folder's latest checkpoint (or of a checkpoint file), in eval
+    mode, and the run's spec (how it was built, its preprocessing, classes and labels)."""
     path = Path(checkpoint)
     if not path.exists():
         raise DataError(f"checkpoint {path} does not exist; give a run folder or a .pt file")
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a file torch cannot read is a bad file
-            raise DataError(f"{path} is not a readable checkpoint ({e})") from None
-    else:
-        state = load_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    state = _read_state(path)
     if state is None or "model" not in state:
         raise DataError(f"{checkpoint} holds no haloseg checkpoint; give a run folder or a .pt")
-    args = state.get("model_args") or _args_from_weights(state["model"])
-    cfg = state.get("config", {}).get("model", {})
-    overrides = {k: v for k, v in cfg.items() if k != "preset" and v is not None}
-    model = unet_preset(cfg.get("preset", "small"), **args, **overrides)
+    spec = spec_from_state(state, str(checkpoint))
+    args = dict(spec.model)
+    model = unet_preset(args.pop("preset"), **args)
     model.load_state_dict(state["model"])
-    return model.eval(), args
-
-
-def _args_from_weights(weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    convs = [v for k, v in weights.items() if k.endswith("weight") and v.dim() > 2]
-    return {"spatial_dims": convs[0].dim() - 2, "in_channels": convs[0].shape[1],
-            "out_channels": convs[-1].shape[0]}  # fmt: skip
+    return model.to(getattr(torch, spec.dtype)).eval(), spec
 
 
 def _release_large_frees() -> None:
@@ -87,9 +108,156 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class _Plan:
+    """How one image is predicted: tiles (``rf``, ``core``) or whole-image blocks (``dec``)."""
+
+    chunks: tuple[int, ...]
+    rf: ReceptiveField | None = None
+    core: tuple[int, ...] | None = None
+    dec: Decomposition | None = None
+
+
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (the default budget of a whole-image forward)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _plan_whole(
+    model: nn.Module,
+    spec: RunSpec,
+    spatial: tuple[int, ...],
+    grid: Sequence[int] | None,
+    world: int,
+    max_memory: int | None,
+    reason: str,
+) -> _Plan:
+    """Whole-image blocks over ``grid`` (chosen from the processes if None); one process
+    only when the forward pass fits the budget, else an error naming the command that does."""
+    if grid is not None and len(grid) != len(spatial):
+        raise ConfigError(
+            f"--grid {' '.join(map(str, grid))} has {len(grid)} extents but the image is "
+            f"{len(spatial)}-D; give one extent per spatial axis"
+        )
+    grid = tuple(grid) if grid is not None else auto_grid(spatial, world)
+    if math.prod(grid) != world:
+        raise ConfigError(
+            f"--grid {' '.join(map(str, grid))} has {math.prod(grid)} blocks but {world} "
+            f"process(es) run; launch with torchrun --nproc-per-node {math.prod(grid)}"
+        )
+    if world == 1:
+        _check_whole_fits(model, spec, spatial, max_memory, reason)
+    dec = Decomposition(grid)
+    dec.align = downsampling_factor(model, len(spatial))
+    return _Plan(chunks=block_chunks(dec, spatial), dec=dec)
+
+
+def _check_whole_fits(
+    model: nn.Module, spec: RunSpec, spatial: tuple[int, ...], max_memory: int | None,
+    reason: str,
+) -> None:  # fmt: skip
+    align = downsampling_factor(model, len(spatial))
+    # At least 2 voxels per side at the coarsest level: InstanceNorm refuses 1.
+    probe = max(2 * align, min(4 * align, 64))
+    per_voxel = bytes_per_voxel(model, len(spatial), spec.in_channels, probe)
+    need = whole_image_bytes(per_voxel, spatial, align, spec.in_channels)
+    budget = max_memory if max_memory is not None else _available_bytes()
+    if need <= budget:
+        return
+    n = 2 ** math.ceil(math.log2(need / max(budget, 1)))
+    grid = " ".join(map(str, auto_grid(spatial, n)))
+    raise ConfigError(
+        f"{reason}, so it runs as one whole-image forward pass, which needs about "
+        f"{need / 2**30:.1f} GiB for {'x'.join(map(str, spatial))} but the budget is "
+        f"{budget / 2**30:.1f} GiB; split the image over processes: torchrun "
+        f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}"
+    )
+
+
+def _plan(
+    model: nn.Module,
+    spec: RunSpec,
+    spatial: tuple[int, ...],
+    *,
+    tile: Sequence[int] | None,
+    grid: Sequence[int] | None,
+    max_memory: int | None,
+    batch_size: int,
+    world: int,
+) -> _Plan:
+    dims = spec.spatial_dims
+    try:
+        rf = receptive_field(model, dims)
+    except UnsupportedLayerError as e:
+        if not _global_statistics(model):
+            raise
+        return _plan_whole(model, spec, spatial, grid, world, max_memory, _first(e))
+    if grid is not None:
+        return _plan_whole(model, spec, spatial, grid, world, max_memory, "--grid was given")
+    if tile is None:
+        if max_memory is None:
+            raise ConfigError("give --tile or --max-memory (e.g. --max-memory 2GB)")
+        # The budget covers the whole process: what is resident already is spent.
+        budget = max_memory - (resident_kib() or 0) * 1024 - _model_bytes(model)
+        tile = tile_for_budget(model, rf, dims, spec.in_channels, spec.model["out_channels"],
+                               budget, batch_size=batch_size)  # fmt: skip
+    elif len(tile) == 1:
+        tile = tuple(tile) * dims
+    core = aligned_tile(tile, rf.alignment)
+    return _Plan(chunks=core, rf=rf, core=core)
+
+
+def _global_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with statistics over the whole image."""
+    norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return any(
+        isinstance(m, norms) and not getattr(m, "track_running_stats", False)
+        for m in model.modules()
+    )
+
+
+def _first(e: Exception) -> str:
+    return str(e).split(";")[0]
+
+
+def open_source(source: Source, spec: RunSpec) -> Any:
+    """The ``(C, *spatial)`` view of an image file or of one file per channel."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_image(source, spec.spatial_dims, spec.in_channels)
+    return stack_channels([open_image(p, spec.spatial_dims, 1) for p in source], source)
+
+
+def _warn_spacing(source: Source, spec: RunSpec) -> None:
+    """Warn when the image's voxel spacing is far from the training images'."""
+    first = Path(source if isinstance(source, (str, os.PathLike)) else source[0])
+    if spec.spacing is None or not first.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    spacing = nib.load(first).header.get_zooms()[: len(spec.spacing)]
+    if any(abs(a / b - 1) > 0.1 for a, b in zip(spacing, spec.spacing, strict=False) if b):
+        log.warning(
+            "%s has voxel spacing %s but the model was trained at %s; resample the image to "
+            "the training spacing for predictions like validation's", first,
+            tuple(round(float(v), 3) for v in spacing), tuple(spec.spacing),
+        )  # fmt: skip
+
+
 def infer(
     checkpoint: str | os.PathLike,
-    source: str | os.PathLike,
+    source: Source,
     target: str | os.PathLike,
     *,
     tile: Sequence[int] | None = None,
@@ -99,56 +267,82 @@ def infer(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     preview: str | os.PathLike | None = None,
+    grid: Sequence[int] | None = None,
+    model: tuple[nn.Module, RunSpec] | None = None,
 ) -> dict[str, Any]:
-    """Predict ``source`` into ``target`` exactly as whole-image inference would."""
+    """Predict ``source`` into ``target`` exactly as whole-image inference would, after the
+    training's intensity normalisation; ``target`` keeps the input's geometry.
+
+    Networks with local layers run tile by tile (every process of a torchrun launch takes
+    every n-th tile); networks whose statistics span the image (InstanceNorm, GroupNorm), or
+    any network when ``grid`` is given, run one whole-image forward pass split over the
+    processes' ``grid``. ``model``: a ``load_model`` result to reuse across images.
+    """
     _release_large_frees()
-    model, args = load_model(checkpoint)
-    dims = args["spatial_dims"]
-    model = model.to(device)
-    image = open_image(source, dims, args["in_channels"])
-    rf = receptive_field(model, dims)
-    if tile is None:
-        if max_memory is None:
-            raise ConfigError("give --tile or --max-memory (e.g. --max-memory 2GB)")
-        # The budget covers the whole process: what is resident already is spent.
-        budget = max_memory - (resident_kib() or 0) * 1024 - _model_bytes(model)
-        tile = tile_for_budget(model, rf, dims, args["in_channels"], args["out_channels"],
-                               budget, batch_size=batch_size)  # fmt: skip
-    elif len(tile) == 1:
-        tile = tuple(tile) * dims
-    core = aligned_tile(tile, rf.alignment)
+    net, spec = model if model is not None else load_model(checkpoint)
+    name = str(source if isinstance(source, (str, os.PathLike)) else source[0])
+    image = open_source(source, spec)
+    _warn_spacing(source, spec)
+    rank, world = _rank_world()
     spatial = tuple(image.shape[1:])
-    shape = spatial if output == "labels" else (args["out_channels"], *spatial)
+    plan = _plan(net.to(device), spec, spatial, tile=tile, grid=grid, max_memory=max_memory,
+                 batch_size=batch_size, world=world)  # fmt: skip
+    classes = spec.model["out_channels"]
+    shape = spatial if output == "labels" else (classes, *spatial)
     dtype = (
         np.uint8 if output == "labels" else np.float16 if output == "probabilities" else np.float32
     )
-    chunks = core if output == "labels" else (args["out_channels"], *core)
-    rank, world = _rank_world()
-    out = create_output(target, shape, dtype, chunks) if rank == 0 else None
+    chunks = plan.chunks if output == "labels" else (classes, *plan.chunks)
+    nodata = (255 if classes < 255 else None) if output == "labels" else float("nan")
+    out = None
+    if rank == 0:
+        out = create_output(target, shape, dtype, chunks, geometry=read_geometry(name),
+                            nodata=nodata, channels=output != "labels")  # fmt: skip
     if world > 1:
         dist.barrier()
-    if out is None:
-        from haloseg.inference.io import Output
-
-        array = reopen_output(Output(Path(target), None, _staged(Path(target)), None))
-    else:
-        array = out.array
+    array = out.array if out is not None else reopen_output(
+        Output(Path(target), None, _staged(Path(target)), None)
+    )  # fmt: skip
+    run = functools.partial(_predict, net, image, plan, array, output, spec, name, device,
+                            batch_size, progress, rank, world)  # fmt: skip
     try:
-        predict_tiled(model, image, core, out=array, output=output, batch_size=batch_size,
-                      rf=rf, progress=progress, part=(rank, world))  # fmt: skip
+        agree(run)  # one rank's bad tile is every rank's error, not a wait at the barrier
     except BaseException:
         if out is not None:
             out.discard()
         raise
-    if world > 1:
-        dist.barrier()
-    result = {"tile": list(core), "halo": list(rf.halo), "alignment": rf.alignment,
-              "shape": list(spatial), "processes": world}  # fmt: skip
+    result = {"shape": list(spatial), "processes": world, "mode": "tiles" if plan.rf else "whole",
+              "normalize": spec.normalize}  # fmt: skip
+    if plan.rf is not None:
+        result.update(tile=list(plan.core), halo=list(plan.rf.halo), alignment=plan.rf.alignment)
+    else:
+        result.update(grid=list(plan.dec.grid))
     if out is not None:
         out.finish()
         if preview is not None:
             save_preview(image, Path(target), output, preview)
     return result
+
+
+def _predict(
+    net: nn.Module, image: Any, plan: _Plan, out: Any, output: str, spec: RunSpec, name: str,
+    device: str, batch_size: int, progress: Callable[[int, int], None] | None,
+    rank: int, world: int,
+) -> None:  # fmt: skip
+    if plan.dec is not None:
+        # spatial_parallel converts in place; the caller's model serves the next image.
+        predict_whole_image(copy.deepcopy(net), image, plan.dec, out=out, output=output,
+                            normalize=spec.normalize, name=name, device=device)  # fmt: skip
+        return
+    norm = Normalization("none")
+    if spec.normalize != "none":
+        # Each process reads its share of the chunks; a bad chunk is every rank's error.
+        moments = agree(lambda: image_moments(image, spec.normalize, plan.chunks, name=name,
+                                              part=(rank, world)))  # fmt: skip
+        norm = Normalization.from_moments(spec.normalize, _sum_over_ranks(moments))
+    predict_tiled(net, image, plan.core, out=out, output=output, batch_size=batch_size,
+                  rf=plan.rf, progress=progress, part=(rank, world), normalize=norm,
+                  name=name)  # fmt: skip
 
 
 def _staged(target: Path) -> Path:
@@ -185,3 +379,40 @@ def save_preview(image: Any, target: Path, output: str, path: str | os.PathLike)
     ax.axis("off")
     _atomic_savefig(fig, Path(path))
     plt.close(fig)
+
+
+def infer_folder(
+    checkpoint: str | os.PathLike,
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    suffix: str | None = None,
+    on_case: Callable[[str, int, int, bool], None] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Predict every case of ``source`` (a folder, or a Decathlon ``dataset.json``'s test
+    list) into ``target/CASE.SUFFIX`` (the input's suffix unless ``suffix``), skipping cases
+    whose prediction exists (a rerun finishes an interrupted batch). ``on_case(name, number,
+    total, skipped)`` reports each case; ``options`` go to ``infer``."""
+    loaded = load_model(checkpoint)
+    cases = find_cases(source, loaded[1].in_channels)
+    folder = Path(target)
+    if not folder.is_dir():
+        raise ConfigError(f"output folder {folder} does not exist; create it first")
+    results = []
+    # Decided once, before anything is written, so every process skips the same cases.
+    plans = [(name, image, folder / f"{name}{suffix or _case_suffix(image)}")
+             for name, image in cases]  # fmt: skip
+    pending = [not out.exists() for _, _, out in plans]
+    for number, ((name, image, out), todo) in enumerate(zip(plans, pending), 1):
+        if on_case is not None:
+            on_case(name, number, len(plans), not todo)
+        if todo:
+            result = infer(checkpoint, image, out, model=loaded, **options)
+            results.append({"case": name, "output": str(out), **result})
+    return results
+
+
+def _case_suffix(image: str | Sequence[str]) -> str:
+    first = Path(image if isinstance(image, str) else image[0]).name.lower()
+    return next(s for s in sorted(SUFFIXES, key=len, reverse=True) if first.endswith(s))

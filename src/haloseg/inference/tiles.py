@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from haloseg.inference.preprocess import read_checked
 from haloseg.inference.receptive import ReceptiveField
 
 __all__ = ["Merger", "Tile", "aligned_tile", "plan_tiles", "read_tile"]
@@ -68,12 +69,20 @@ def plan_tiles(shape: Sequence[int], core: Sequence[int], rf: ReceptiveField) ->
     ]
 
 
-def read_tile(source: Any, tile: Tile) -> np.ndarray:
-    """The input of ``tile`` from ``source`` ``(C, *spatial)``: the part inside the image,
-    zeros beyond it (the padding whole-image inference adds)."""
+def read_tile(
+    source: Any,
+    tile: Tile,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    name: str = "the image",
+) -> np.ndarray:
+    """The input of ``tile`` from ``source`` ``(C, *spatial)``: the part inside the image
+    (checked for NaN/Inf, then ``transform``-ed: the training preprocessing), zeros beyond
+    it (the padding whole-image inference adds)."""
     shape = source.shape[1:]
     inside = tuple((a, min(b, n)) for (a, b), n in zip(tile.read, shape, strict=True))
-    block = np.asarray(source[(slice(None), *(slice(a, b) for a, b in inside))], np.float32)
+    block = read_checked(source, tuple(slice(a, b) for a, b in inside), name)
+    if transform is not None:
+        block = transform(block)
     pad = [(0, 0)] + [(0, (b - a) - (e - s)) for (a, b), (s, e) in zip(tile.read, inside)]
     return np.pad(block, pad) if any(p for _, p in pad) else block
 

@@ -9,6 +9,7 @@ would have drawn.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from haloseg.training.setup import (
     init_layout,
     prepare_run_folder,
 )
+from haloseg.training.spec import RunSpec, describe_run, write_spec
 
 __all__ = ["Trainer", "build_trainer", "final_metrics", "fit"]
 
@@ -75,6 +77,8 @@ class Trainer:
     """Largest rise of the resident set during a training step (what the step allocates)."""
     swapper: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     """Around each forward and backward: activation swapping (``memory.swap``), or nothing."""
+    spec: RunSpec | None = None
+    """What inference needs to rebuild the model and its preprocessing (saved with it)."""
 
     # -- data ------------------------------------------------------------------------------
     def padded(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -92,12 +96,11 @@ class Trainer:
                 "for datasets of differently sized images"
             )
         (padded,) = shapes
-        blocks = [
-            read_block(
-                dataset, i, self.layout.dec, padded, a, self.cfg.data.normalize, self.dtype
-            )  # fmt: skip
-            for i, a in items
-        ]
+        data, dec = self.cfg.data, self.layout.dec
+        read = functools.partial(read_block, dataset, dec=dec, padded=padded,
+                                 normalize=data.normalize, dtype=self.dtype,
+                                 ignore_label=data.ignore_label)  # fmt: skip
+        blocks = [read(i, aug=a) for i, a in items]
         dev = self.layout.device
         return Block(
             torch.stack([b.image for b in blocks]).to(dev),
@@ -201,6 +204,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "config": self.cfg.to_dict(),
+            "spec": self.spec.to_dict() if self.spec is not None else None,
         }
 
     def save(self) -> None:
@@ -265,6 +269,7 @@ def _schedule(cfg: RunConfig) -> Any:
 def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     """Processes, data, model, optimizer and run folder of ``cfg`` (restored if resuming)."""
     train_set, val_set = build_datasets(cfg.data)
+    _adopt_dataset_labels(cfg, train_set)
     layout = init_layout(cfg, train_set.spatial_dims)
     folder = Path(cfg.output_dir)
     dtype = getattr(torch, cfg.train.dtype)
@@ -274,7 +279,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     trainer = Trainer(cfg, layout, train_set, val_set, model, weights, optimizer, scheduler,
-                      folder, dtype, swapper=step_context(cfg.memory, weights))  # fmt: skip
+                      folder, dtype, swapper=step_context(cfg.memory, weights),
+                      spec=describe_run(cfg, train_set))  # fmt: skip
     # Every check before the run folder is touched: a refused run leaves nothing behind.
     # Image sizes against the grid now, not in the middle of the run.
     for dataset in (train_set, val_set):
@@ -292,7 +298,18 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     agree(lambda: prepare_run_folder(cfg.output_dir, resume=resume))
     if layout.is_main:
         save_config(cfg, folder / "config.yaml")
+        write_spec(trainer.spec, folder)
     return trainer
+
+
+def _adopt_dataset_labels(cfg: RunConfig, dataset: Dataset) -> None:
+    """Regions and ignore label a dataset declares (nnU-Net's dataset.json), where the
+    config sets none, so the run's config.yaml and spec say what training used."""
+    data = cfg.data
+    if not data.regions and getattr(dataset, "regions", None):
+        data.regions = {k: list(v) for k, v in dataset.regions.items()}
+    if data.ignore_label is None and getattr(dataset, "ignore_label", None) is not None:
+        data.ignore_label = int(dataset.ignore_label)
 
 
 StepCallback = Callable[[Trainer, dict[str, float]], None]

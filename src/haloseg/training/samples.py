@@ -18,6 +18,12 @@ import numpy as np
 import torch
 
 from haloseg.data.base import Dataset
+from haloseg.data.normalize import (
+    apply_zscore,
+    block_moments,
+    normalization_mask,
+    zscore_from_moments,
+)
 from haloseg.parallel import Decomposition, global_sum
 
 __all__ = ["Augment", "Block", "draw_augment", "padded_shape", "read_block"]
@@ -104,8 +110,10 @@ def read_block(
     aug: Augment,
     normalize: str,
     dtype: torch.dtype,
+    ignore_label: int | None = None,
 ) -> Block:
-    """This rank's block of sample ``index`` in the augmented frame padded to ``padded``."""
+    """This rank's block of sample ``index`` in the augmented frame padded to ``padded``;
+    voxels labelled ``ignore_label`` are marked invalid (left out of loss and metrics)."""
     box = dec.box(padded)
     image, label, inside = _read_augmented(dataset, index, box, aug)
     shape = [hi - lo for lo, hi in box]
@@ -114,25 +122,22 @@ def read_block(
     image_t = torch.from_numpy(np.pad(image, [(0, 0), *pad])).to(dtype)
     label_t = torch.from_numpy(np.pad(label, pad).astype(np.int64))
     valid_t = torch.from_numpy(valid)
+    if ignore_label is not None:
+        # Ignored voxels count as padding for loss and metrics, but not for the statistics
+        # of the image, which are those of all its voxels whatever their labels.
+        ignored = label_t == ignore_label
+        label_t[ignored] = 0
     if normalize != "none":
-        image_t = _normalize(image_t, valid_t, dec, nonzero=normalize == "zscore_nonzero")
+        image_t = _normalize(image_t, valid_t, dec, normalize)
+    if ignore_label is not None:
+        valid_t = valid_t & ~ignored
     return Block(image_t, label_t, valid_t)
 
 
 def _normalize(
-    image: torch.Tensor, valid: torch.Tensor, dec: Decomposition, *, nonzero: bool
+    image: torch.Tensor, valid: torch.Tensor, dec: Decomposition, scheme: str
 ) -> torch.Tensor:
     """Per-channel z-score with mean and standard deviation of the whole image."""
-    mask = valid.unsqueeze(0).expand_as(image)
-    if nonzero:
-        mask = mask & (image != 0)
-    x = image.to(torch.float64) * mask
-    dims = tuple(range(1, image.dim()))
-    sums = torch.stack([mask.sum(dims).to(torch.float64), x.sum(dims), (x * x).sum(dims)])
-    count, total, squares = global_sum(sums, dec).unbind(0)
-    count = count.clamp(min=1)
-    mean = total / count
-    std = (squares / count - mean * mean).clamp(min=0).sqrt().clamp(min=1e-8)
-    view = (-1, *([1] * (image.dim() - 1)))
-    out = (image.to(torch.float64) - mean.view(view)) / std.view(view)
-    return (out * mask).to(image.dtype)
+    mask = normalization_mask(image, valid, scheme)
+    mean, std = zscore_from_moments(global_sum(block_moments(image, mask), dec))
+    return apply_zscore(image, mean, std, mask)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from haloseg.config import DataConfig, RunConfig
+from haloseg.config import DataConfig, RunConfig, check_ignore_label
 from haloseg.data.base import Dataset, SampleInfo
 from haloseg.errors import ConfigError, DataError, DecompositionError, HalosegError
 from haloseg.memory.checkpoint import checkpoint_levels
@@ -157,6 +157,9 @@ class Subset:
         self.spatial_dims = dataset.spatial_dims
         self.in_channels = dataset.in_channels
         self.num_classes = dataset.num_classes
+        # What a dataset may say of itself (nnU-Net's dataset.json, the Decathlon's).
+        for name in ("channel_names", "label_names", "regions", "ignore_label"):
+            setattr(self, name, getattr(dataset, name, None))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -169,6 +172,7 @@ class Subset:
 
 
 def _open_dataset(cfg: DataConfig) -> Dataset:
+    ignore = cfg.ignore_label
     if cfg.kind == "synthetic":
         from haloseg.data.synthetic import EllipseDataset
 
@@ -179,21 +183,26 @@ def _open_dataset(cfg: DataConfig) -> Dataset:
     if cfg.kind == "msd":
         from haloseg.data.msd import MSDDataset
 
-        return MSDDataset(cfg.path)
+        return MSDDataset(cfg.path, ignore_label=ignore)
+    if cfg.kind == "nnunet":
+        from haloseg.data.nnunet import NnUNetDataset
+
+        return NnUNetDataset(cfg.path, ignore_label=ignore)
     if cfg.kind == "tiff":
         from haloseg.data.tiff import TiffDataset
 
         if cfg.num_classes is None:
             raise ConfigError("data.kind='tiff' needs data.num_classes (label rasters do not say)")
-        return TiffDataset.from_folder(cfg.path, num_classes=cfg.num_classes)
+        return TiffDataset.from_folder(cfg.path, num_classes=cfg.num_classes, ignore_label=ignore)
     from haloseg.data.zarr_arrays import ZarrDataset
 
-    return ZarrDataset(cfg.path, num_classes=cfg.num_classes)
+    return ZarrDataset(cfg.path, num_classes=cfg.num_classes, ignore_label=ignore)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """(training, validation) datasets: the last ``val_fraction`` of the samples validate."""
     dataset = _open_dataset(cfg)
+    check_ignore_label(cfg.ignore_label, dataset.num_classes)
     n = len(dataset)
     if n == 0:
         raise DataError(f"the {cfg.kind} dataset at {cfg.path} holds no samples")

@@ -1,0 +1,110 @@
+"""Whole-image inference for networks whose statistics span the image (InstanceNorm,
+GroupNorm): one forward pass over the whole image, split over the processes of a spatial
+grid by the same engine that trains it, or in one process when the grid is a single block.
+
+Each process reads only its own block of the file (padded at the high end to the size the
+grid and network can split, as training pads), normalises it with statistics summed over
+all blocks (training's arithmetic), runs the partitioned network and writes the part of its
+output block that lies inside the image into the shared output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from haloseg.data.normalize import (
+    apply_zscore,
+    block_moments,
+    normalization_mask,
+    zscore_from_moments,
+)
+from haloseg.inference.preprocess import read_checked
+from haloseg.inference.tiles import Merger, Tile
+from haloseg.parallel import Decomposition, global_sum, spatial_parallel
+from haloseg.training.samples import padded_shape
+from haloseg.training.setup import agree
+
+__all__ = ["auto_grid", "block_chunks", "predict_whole_image", "whole_image_bytes"]
+
+
+def _read_block(
+    image: Any, box: Sequence[tuple[int, int]], name: str
+) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int], ...]]:
+    """(block ``(C, *box)`` zero beyond the image, valid mask, the part inside the image)."""
+    spatial = image.shape[1:]
+    inside = tuple((min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, spatial, strict=True))
+    block = read_checked(image, tuple(slice(lo, hi) for lo, hi in inside), name)
+    pad = [(0, 0)] + [(0, (hi - lo) - (e - s)) for (lo, hi), (s, e) in zip(box, inside)]
+    valid = np.pad(np.ones(block.shape[1:], bool), pad[1:])
+    return torch.from_numpy(np.pad(block, pad)), torch.from_numpy(valid), inside
+
+
+def predict_whole_image(
+    model: nn.Module,
+    image: Any,
+    dec: Decomposition,
+    *,
+    out: Any,
+    output: str = "labels",
+    normalize: str = "none",
+    name: str = "the image",
+    device: str | torch.device = "cpu",
+) -> None:
+    """This rank's block of one forward pass of ``model`` over the whole ``image``
+    ``(C, *spatial)``, written into ``out`` (labels ``(*spatial)`` or scores ``(C', *spatial)``).
+
+    ``model`` is converted in place by ``spatial_parallel`` (a single block needs no peers).
+    """
+    net = spatial_parallel(model.eval(), dec, sync_gradients=False)
+    padded = padded_shape(image.shape[1:], dec.align, dec.grid)
+    box = dec.box(padded)
+    # A bad block on one rank (NaN, unreadable) is raised on all before any collective.
+    x, valid, inside = agree(lambda: _read_block(image, box, name), dec.group)
+    dtype = next(model.parameters()).dtype
+    if normalize != "none":
+        mask = normalization_mask(x, valid, normalize)
+        mean, std = zscore_from_moments(global_sum(block_moments(x, mask), dec))
+        x = apply_zscore(x, mean, std, mask)
+    with torch.no_grad():
+        logits = net(x[None].to(device, dtype))[0].float().cpu().numpy()
+    if all(hi > lo for lo, hi in inside):
+        Merger(out, output).add(Tile(read=tuple(box), core=inside), logits)
+
+
+def whole_image_bytes(per_voxel: float, shape: Sequence[int], align: int, channels: int) -> int:
+    """Bytes of a one-process whole-image forward: activations at ``per_voxel`` over the
+    image padded to ``align``, plus the input block in float32 and float64 copies."""
+    voxels = math.prod(-(-n // align) * align for n in shape)
+    return int(voxels * (per_voxel + 12 * channels))
+
+
+def auto_grid(shape: Sequence[int], processes: int) -> tuple[int, ...]:
+    """A grid of ``processes`` blocks: each prime factor splits the axis whose blocks are
+    longest, so blocks stay close to cubes."""
+    grid = [1] * len(shape)
+    n, factors, f = processes, [], 2
+    while n > 1:
+        while n % f == 0:
+            factors.append(f)
+            n //= f
+        f += 1
+    for f in sorted(factors, reverse=True):
+        d = max(range(len(shape)), key=lambda i: shape[i] / grid[i])
+        grid[d] *= f
+    return tuple(grid)
+
+
+def block_chunks(dec: Decomposition, shape: Sequence[int]) -> tuple[int, ...]:
+    """Chunk shape of a zarr output that no two blocks share: per axis the greatest common
+    divisor of the block boundaries inside the image."""
+    padded = padded_shape(shape, dec.align, dec.grid)
+    bounds = dec.image_bounds(padded)
+    return tuple(
+        math.gcd(*[b for b in edges[1:-1] if b < n] or [n]) for edges, n in zip(bounds, shape)
+    )
