@@ -69,7 +69,8 @@ def _write(dataset: Dataset, target: Path, fmt: str, scanner: bool = False) -> N
         for i, (image, label) in enumerate(samples):
             write_tiff(target / "images" / f"scene_{i:03d}.tif", image,
                        geotags=GEOTAGS if scanner else None)  # fmt: skip
-            write_tiff(target / "labels" / f"scene_{i:03d}.tif", label.astype(label_dtype))
+            write_tiff(target / "labels" / f"scene_{i:03d}.tif", label.astype(label_dtype),
+                       geotags=GEOTAGS if scanner else None)  # fmt: skip
     else:
         write_msd(
             target, [s[0] for s in samples], [s[1] for s in samples],

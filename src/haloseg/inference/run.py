@@ -17,7 +17,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haloseg.errors import ConfigError, DataError, UnsupportedLayerError
-from haloseg.inference.budget import bytes_per_voxel, tile_for_budget
+from haloseg.errors import ConfigError, DataError
 from haloseg.inference.cases import find_cases, stack_channels
 from haloseg.inference.io import (
     SUFFIXES,
@@ -37,15 +35,11 @@ from haloseg.inference.io import (
     read_geometry,
     reopen_output,
 )
+from haloseg.inference.plan import Plan, plan_image
 from haloseg.inference.predict import predict_tiled
 from haloseg.inference.preprocess import Normalization, image_moments
-from haloseg.inference.receptive import ReceptiveField, receptive_field
-from haloseg.inference.tiles import aligned_tile
-from haloseg.inference.whole import auto_grid, block_chunks, predict_whole_image, whole_image_bytes
+from haloseg.inference.whole import predict_whole_image
 from haloseg.models import unet_preset
-from haloseg.parallel import Decomposition
-from haloseg.parallel.convert import downsampling_factor
-from haloseg.resident import resident_kib
 from haloseg.training.checkpoint import load_checkpoint
 from haloseg.training.setup import agree
 from haloseg.training.spec import RunSpec, spec_from_state
@@ -114,124 +108,6 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@dataclass
-class _Plan:
-    """How one image is predicted: tiles (``rf``, ``core``) or whole-image blocks (``dec``)."""
-
-    chunks: tuple[int, ...]
-    rf: ReceptiveField | None = None
-    core: tuple[int, ...] | None = None
-    dec: Decomposition | None = None
-
-
-def _available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (the default budget of a whole-image forward)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
-def _plan_whole(
-    model: nn.Module,
-    spec: RunSpec,
-    spatial: tuple[int, ...],
-    grid: Sequence[int] | None,
-    world: int,
-    max_memory: int | None,
-    reason: str,
-) -> _Plan:
-    """Whole-image blocks over ``grid`` (chosen from the processes if None); one process
-    only when the forward pass fits the budget, else an error naming the command that does."""
-    if grid is not None and len(grid) != len(spatial):
-        raise ConfigError(
-            f"--grid {' '.join(map(str, grid))} has {len(grid)} extents but the image is "
-            f"{len(spatial)}-D; give one extent per spatial axis"
-        )
-    grid = tuple(grid) if grid is not None else auto_grid(spatial, world)
-    if math.prod(grid) != world:
-        raise ConfigError(
-            f"--grid {' '.join(map(str, grid))} has {math.prod(grid)} blocks but {world} "
-            f"process(es) run; launch with torchrun --nproc-per-node {math.prod(grid)}"
-        )
-    if world == 1:
-        _check_whole_fits(model, spec, spatial, max_memory, reason)
-    dec = Decomposition(grid)
-    dec.align = downsampling_factor(model, len(spatial))
-    return _Plan(chunks=block_chunks(dec, spatial), dec=dec)
-
-
-def _check_whole_fits(
-    model: nn.Module, spec: RunSpec, spatial: tuple[int, ...], max_memory: int | None,
-    reason: str,
-) -> None:  # fmt: skip
-    align = downsampling_factor(model, len(spatial))
-    # At least 2 voxels per side at the coarsest level: InstanceNorm refuses 1.
-    probe = max(2 * align, min(4 * align, 64))
-    per_voxel = bytes_per_voxel(model, len(spatial), spec.in_channels, probe)
-    need = whole_image_bytes(per_voxel, spatial, align, spec.in_channels)
-    budget = max_memory if max_memory is not None else _available_bytes()
-    if need <= budget:
-        return
-    n = 2 ** math.ceil(math.log2(need / max(budget, 1)))
-    grid = " ".join(map(str, auto_grid(spatial, n)))
-    raise ConfigError(
-        f"{reason}, so it runs as one whole-image forward pass, which needs about "
-        f"{need / 2**30:.1f} GiB for {'x'.join(map(str, spatial))} but the budget is "
-        f"{budget / 2**30:.1f} GiB; split the image over processes: torchrun "
-        f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}"
-    )
-
-
-def _plan(
-    model: nn.Module,
-    spec: RunSpec,
-    spatial: tuple[int, ...],
-    *,
-    tile: Sequence[int] | None,
-    grid: Sequence[int] | None,
-    max_memory: int | None,
-    batch_size: int,
-    world: int,
-) -> _Plan:
-    dims = spec.spatial_dims
-    try:
-        rf = receptive_field(model, dims)
-    except UnsupportedLayerError as e:
-        if not _global_statistics(model):
-            raise
-        return _plan_whole(model, spec, spatial, grid, world, max_memory, _first(e))
-    if grid is not None:
-        return _plan_whole(model, spec, spatial, grid, world, max_memory, "--grid was given")
-    if tile is None:
-        if max_memory is None:
-            raise ConfigError("give --tile or --max-memory (e.g. --max-memory 2GB)")
-        # The budget covers the whole process: what is resident already is spent.
-        budget = max_memory - (resident_kib() or 0) * 1024 - _model_bytes(model)
-        tile = tile_for_budget(model, rf, dims, spec.in_channels, spec.model["out_channels"],
-                               budget, batch_size=batch_size)  # fmt: skip
-    elif len(tile) == 1:
-        tile = tuple(tile) * dims
-    core = aligned_tile(tile, rf.alignment)
-    return _Plan(chunks=core, rf=rf, core=core)
-
-
-def _global_statistics(model: nn.Module) -> bool:
-    """Whether ``model`` normalises with statistics over the whole image."""
-    norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-    return any(
-        isinstance(m, norms) and not getattr(m, "track_running_stats", False)
-        for m in model.modules()
-    )
-
-
-def _first(e: Exception) -> str:
-    return str(e).split(";")[0]
-
-
 def open_source(source: Source, spec: RunSpec) -> Any:
     """The ``(C, *spatial)`` view of an image file or of one file per channel."""
     if isinstance(source, (str, os.PathLike)):
@@ -285,8 +161,8 @@ def infer(
     _warn_spacing(source, spec)
     rank, world = _rank_world()
     spatial = tuple(image.shape[1:])
-    plan = _plan(net.to(device), spec, spatial, tile=tile, grid=grid, max_memory=max_memory,
-                 batch_size=batch_size, world=world)  # fmt: skip
+    plan = plan_image(net.to(device), spec, spatial, tile=tile, grid=grid,
+                      max_memory=max_memory, batch_size=batch_size, world=world)  # fmt: skip
     classes = spec.model["out_channels"]
     shape = spatial if output == "labels" else (classes, *spatial)
     dtype = (
@@ -325,7 +201,7 @@ def infer(
 
 
 def _predict(
-    net: nn.Module, image: Any, plan: _Plan, out: Any, output: str, spec: RunSpec, name: str,
+    net: nn.Module, image: Any, plan: Plan, out: Any, output: str, spec: RunSpec, name: str,
     device: str, batch_size: int, progress: Callable[[int, int], None] | None,
     rank: int, world: int,
 ) -> None:  # fmt: skip
@@ -348,10 +224,6 @@ def _predict(
 def _staged(target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.tmp")
     return tmp if target.suffix == ".zarr" else tmp.with_name(tmp.name + ".npy")
-
-
-def _model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def save_preview(image: Any, target: Path, output: str, path: str | os.PathLike) -> None:

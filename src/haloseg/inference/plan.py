@@ -1,0 +1,154 @@
+"""How ``haloseg infer`` runs one image: exact tiles for networks of local layers, or one
+whole-image forward pass over a grid of processes for networks whose statistics span the
+image (InstanceNorm, GroupNorm) — in one process only when it fits the memory budget."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from haloseg.errors import ConfigError, UnsupportedLayerError
+from haloseg.inference.budget import bytes_per_voxel, tile_for_budget
+from haloseg.inference.receptive import ReceptiveField, receptive_field
+from haloseg.inference.tiles import aligned_tile
+from haloseg.inference.whole import auto_grid, block_chunks, whole_image_bytes
+from haloseg.parallel import Decomposition
+from haloseg.parallel.convert import downsampling_factor
+from haloseg.resident import resident_kib
+from haloseg.training.spec import RunSpec
+
+__all__ = ["Plan", "plan_image"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """How one image is predicted: tiles (``rf``, ``core``) or whole-image blocks (``dec``)."""
+
+    chunks: tuple[int, ...]
+    rf: ReceptiveField | None = None
+    core: tuple[int, ...] | None = None
+    dec: Decomposition | None = None
+
+
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (the default budget of a whole-image forward)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _plan_whole(
+    model: nn.Module,
+    spec: RunSpec,
+    spatial: tuple[int, ...],
+    grid: Sequence[int] | None,
+    world: int,
+    max_memory: int | None,
+    reason: str,
+) -> Plan:
+    """Whole-image blocks over ``grid`` (chosen from the processes if None); one process
+    only when the forward pass fits the budget, else an error naming the command that does."""
+    if grid is not None and len(grid) != len(spatial):
+        raise ConfigError(
+            f"--grid {' '.join(map(str, grid))} has {len(grid)} extents but the image is "
+            f"{len(spatial)}-D; give one extent per spatial axis"
+        )
+    grid = tuple(grid) if grid is not None else auto_grid(spatial, world)
+    if math.prod(grid) != world:
+        raise ConfigError(
+            f"--grid {' '.join(map(str, grid))} has {math.prod(grid)} blocks but {world} "
+            f"process(es) run; launch with torchrun --nproc-per-node {math.prod(grid)}"
+        )
+    if world == 1:
+        _check_whole_fits(model, spec, spatial, max_memory, reason)
+    dec = Decomposition(grid)
+    dec.align = downsampling_factor(model, len(spatial))
+    return Plan(chunks=block_chunks(dec, spatial), dec=dec)
+
+
+def _check_whole_fits(
+    model: nn.Module, spec: RunSpec, spatial: tuple[int, ...], max_memory: int | None,
+    reason: str,
+) -> None:  # fmt: skip
+    align = downsampling_factor(model, len(spatial))
+    # At least 2 voxels per side at the coarsest level: InstanceNorm refuses 1.
+    probe = max(2 * align, min(4 * align, 64))
+    per_voxel = bytes_per_voxel(model, len(spatial), spec.in_channels, probe)
+    need = whole_image_bytes(per_voxel, spatial, align, spec.in_channels)
+    budget = max_memory if max_memory is not None else _available_bytes()
+    if need <= budget:
+        return
+    n = 2 ** math.ceil(math.log2(need / max(budget, 1)))
+    grid = " ".join(map(str, auto_grid(spatial, n)))
+    raise ConfigError(
+        f"{reason}, so it runs as one whole-image forward pass, which needs about "
+        f"{need / 2**30:.1f} GiB for {'x'.join(map(str, spatial))} but the budget is "
+        f"{budget / 2**30:.1f} GiB; split the image over processes: torchrun "
+        f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}"
+    )
+
+
+def plan_image(
+    model: nn.Module,
+    spec: RunSpec,
+    spatial: tuple[int, ...],
+    *,
+    tile: Sequence[int] | None,
+    grid: Sequence[int] | None,
+    max_memory: int | None,
+    batch_size: int,
+    world: int,
+) -> Plan:
+    """Tiles of ``tile`` (or from the ``max_memory`` budget) for a network of local layers;
+    a whole-image forward over ``grid`` for one whose statistics span the image, or when
+    ``grid`` is given."""
+    dims = spec.spatial_dims
+    try:
+        rf = receptive_field(model, dims)
+    except UnsupportedLayerError as e:
+        if not _global_statistics(model):
+            raise
+        if tile is not None:
+            log.warning("--tile %s is not used: %s, so the image runs whole", tile, _first(e))
+        return _plan_whole(model, spec, spatial, grid, world, max_memory, _first(e))
+    if grid is not None:
+        return _plan_whole(model, spec, spatial, grid, world, max_memory, "--grid was given")
+    if tile is None:
+        if max_memory is None:
+            raise ConfigError("give --tile or --max-memory (e.g. --max-memory 2GB)")
+        # The budget covers the whole process: what is resident already is spent.
+        budget = max_memory - (resident_kib() or 0) * 1024 - _model_bytes(model)
+        tile = tile_for_budget(model, rf, dims, spec.in_channels, spec.model["out_channels"],
+                               budget, batch_size=batch_size)  # fmt: skip
+    elif len(tile) == 1:
+        tile = tuple(tile) * dims
+    core = aligned_tile(tile, rf.alignment)
+    return Plan(chunks=core, rf=rf, core=core)
+
+
+def _global_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with statistics over the whole image."""
+    norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return any(
+        isinstance(m, norms) and not getattr(m, "track_running_stats", False)
+        for m in model.modules()
+    )
+
+
+def _first(e: Exception) -> str:
+    return str(e).split(";")[0]
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
