@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from _user_path import zscore
 from haloseg.cli.main import main
 from haloseg.data.normalize import block_moments, normalization_mask, zscore_from_moments
+from haloseg.inference import predict_tiled, predict_whole
 from haloseg.inference.preprocess import image_moments, image_statistics
 from haloseg.inference.run import infer, load_model
 from haloseg.training.checkpoint import latest_checkpoint
@@ -82,15 +84,24 @@ def test_the_run_folder_describes_its_model(run):
         torch.testing.assert_close(a, b, msg=k)
 
 
-def test_inference_within_a_small_budget_normalises_like_the_whole_image(run, tmp_path):
+def test_infer_with_small_tiles_normalises_like_the_whole_image(run, tmp_path):
     image = _scanner_image((2, 260, 190))
     np.save(tmp_path / "in.npy", image)
     result = infer(run, tmp_path / "in.npy", tmp_path / "out.npy", output="logits", tile=(32,))
     assert result["normalize"] == "zscore_nonzero" and result["tile"] == [32, 32]
     model, _ = load_model(run)
-    from _user_path import zscore
-    from haloseg.inference import predict_whole
-
     want = predict_whole(model, zscore(image, "zscore_nonzero")[None], 8)[0].numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())  # fmt: skip
+
+
+def test_predict_tiled_normalises_without_holding_the_image(run):
+    """The library path: every read (statistics chunks, then tiles) is a small part of the
+    image, and the result equals one forward pass over the whole normalised image."""
+    model, spec = load_model(run)
+    image = _scanner_image((2, 400, 380))  # a tile (core 32 + halo 56 per side) is < 1/4
+    view = _Recorded(image)
+    got = predict_tiled(model, view, (32, 32), output="logits", normalize=spec.normalize)
+    assert max(view.reads) < image.size / 4
+    want = predict_whole(model, zscore(image, spec.normalize)[None], 8)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -48,6 +48,13 @@ def _suffix_of(name: str) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
+def _is_image(path: Path) -> bool:
+    """An image file (or zarr array folder) a batch predicts; hidden files are not."""
+    suffix = _suffix_of(path.name.lower())
+    usable = path.is_dir() if suffix == ".zarr" else path.is_file()
+    return suffix is not None and usable and not path.name.startswith(".")
+
+
 def _stem(path: Path) -> str:
     suffix = _suffix_of(path.name.lower()) or path.suffix
     return path.name[: len(path.name) - len(suffix)]
@@ -80,8 +87,7 @@ def find_cases(source: str | os.PathLike, in_channels: int) -> list[Case]:
     source = Path(source)
     if source.is_file() and source.name == "dataset.json":
         return _decathlon_tests(source)
-    files = sorted(p for p in source.iterdir() if _suffix_of(p.name.lower()) and p.is_file()
-                   or p.suffix == ".zarr")  # fmt: skip
+    files = sorted(p for p in source.iterdir() if _is_image(p))
     if not files:
         raise DataError(f"{source} holds no images ({', '.join(SUFFIXES)}); give a folder of "
                         "images, or a Decathlon dataset.json with a test list")  # fmt: skip

@@ -31,7 +31,6 @@ __all__ = [
     "image_moments",
     "image_statistics",
     "read_checked",
-    "stream_chunk",
 ]
 
 
@@ -111,11 +110,3 @@ def image_statistics(
     if scheme == "none":
         return Normalization("none")
     return Normalization.from_moments(scheme, image_moments(image, scheme, chunk, name=name))
-
-
-def stream_chunk(spatial: Sequence[int], channels: int, budget_bytes: int) -> tuple[int, ...]:
-    """Chunk of the statistics pass: whole trailing axes, as many leading planes as fit
-    ``budget_bytes`` (float32 and float64 copies of each voxel of every channel)."""
-    plane = int(np.prod(spatial[1:])) * channels * 16
-    rows = max(1, min(spatial[0], budget_bytes // max(plane, 1)))
-    return (rows, *spatial[1:])
