@@ -101,6 +101,15 @@ def _infer_part(run, source, target) -> None:
     infer(run, source, target, tile=(64, 64))
 
 
+def test_distributed_refusal_reaches_every_rank(run, image, tmp_path):
+    """Rank 0 alone creates the output; its refusal must not leave rank 1 waiting."""
+    np.save(tmp_path / "in.npy", image)
+    np.save(tmp_path / "exists.npy", np.zeros(1))
+    with pytest.raises(Exception, match="already exists"):
+        run_distributed(_infer_part, 2, run, tmp_path / "in.npy", tmp_path / "exists.npy",
+                        timeout=120)  # fmt: skip
+
+
 def test_distributed_inference_equals_one_process(run, image, tmp_path):
     np.save(tmp_path / "in.npy", image)
     for target in ("two.zarr", "two.npy"):
@@ -118,6 +127,8 @@ def test_distributed_inference_equals_one_process(run, image, tmp_path):
         (["--input", "in.npy", "--max-memory", "lots"], "is not like 2GB"),
         (["--input", "in.npy", "--output", "out.png"], "none of the suffixes"),
         (["--input", "in.npy", "--checkpoint", "nowhere"], "does not exist"),
+        (["--input", "cut.nii.gz"], "cut.nii.gz is not readable"),
+        (["--input", "nowhere/"], "does not exist"),
     ],
 )
 def test_bad_input_is_one_line(run, image, tmp_path, capsys, extra, message, monkeypatch):
@@ -125,6 +136,9 @@ def test_bad_input_is_one_line(run, image, tmp_path, capsys, extra, message, mon
     np.save("in.npy", image)
     np.save("wrong.npy", np.zeros((3, 40, 40), np.float32))
     np.save("exists.npy", np.zeros(1))
+    nib.save(nib.Nifti1Image(image[0], np.eye(4)), "whole.nii.gz")
+    data = open("whole.nii.gz", "rb").read()
+    open("cut.nii.gz", "wb").write(data[: len(data) // 2])  # a truncated download
     argv = ["infer", "--checkpoint", str(run), "--output", "out.npy", "--tile", "64",
             "--no-progress", *extra]  # fmt: skip
     if "--max-memory" in extra:

@@ -105,3 +105,37 @@ def test_predict_tiled_normalises_without_holding_the_image(run):
     assert max(view.reads) < image.size / 4
     want = predict_whole(model, zscore(image, spec.normalize)[None], 8)[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_float64_model_gets_inputs_normalised_in_float64():
+    """As training: raw float32 voxels, normalised in the model's dtype (not rounded to
+    float32 first)."""
+    import dataclasses
+
+    image = _scanner_image((2, 60, 50))
+    norm = image_statistics(image, "zscore_nonzero", (16, 16))
+    got = dataclasses.replace(norm, dtype=torch.float64)(image)
+    assert got.dtype == np.float64
+    x = torch.from_numpy(image).double()
+    want = torch.where(x != 0, (x - norm.mean.view(-1, 1, 1)) / norm.std.view(-1, 1, 1), 0.0)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-15, atol=1e-15)
+    assert np.abs(norm(image) - want.numpy()).max() > 1e-9  # float32 would round
+
+
+def test_numbered_files_are_channels_only_below_the_channel_count(tmp_path):
+    from haloseg.inference.cases import find_cases
+
+    for name in ("amos_0001.npy", "amos_0002.npy"):
+        np.save(tmp_path / name, np.zeros((4, 4), np.float32))
+    assert [c for c, _ in find_cases(tmp_path, 1)] == ["amos_0001", "amos_0002"]
+    grouped = tmp_path / "g"
+    grouped.mkdir()
+    for name in ("BRATS_001_0000.npy", "BRATS_001_0001.npy", "BRATS_002_0000.npy",
+                 "BRATS_002_0001.npy"):  # fmt: skip
+        np.save(grouped / name, np.zeros((4, 4), np.float32))
+    cases = find_cases(grouped, 2)
+    assert [c for c, _ in cases] == ["BRATS_001", "BRATS_002"]
+    assert [p.rsplit("/", 1)[1] for p in cases[0][1]] == [
+        "BRATS_001_0000.npy",
+        "BRATS_001_0001.npy",
+    ]

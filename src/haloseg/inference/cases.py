@@ -81,10 +81,14 @@ def _decathlon_tests(spec_path: Path) -> list[Case]:
 def find_cases(source: str | os.PathLike, in_channels: int) -> list[Case]:
     """The cases of a folder (or a Decathlon ``dataset.json``'s test list), sorted by name.
 
-    Files named ``CASE_0000.ext``, ``CASE_0001.ext``, ... in a folder are nnU-Net's channels
-    of one case when the network takes several channels; other files are one case each.
+    Files named ``CASE_0000.ext``, ``CASE_0001.ext``, ... (indices below the network's
+    ``in_channels``) in a folder are nnU-Net's channels of one case; other files are one case
+    each.
     """
     source = Path(source)
+    if not source.exists():
+        raise DataError(f"input {source} does not exist; give an image, a folder of images or "
+                        "a Decathlon dataset.json")  # fmt: skip
     if source.is_file() and source.name == "dataset.json":
         return _decathlon_tests(source)
     files = sorted(p for p in source.iterdir() if _is_image(p))
@@ -92,8 +96,10 @@ def find_cases(source: str | os.PathLike, in_channels: int) -> list[Case]:
         raise DataError(f"{source} holds no images ({', '.join(SUFFIXES)}); give a folder of "
                         "images, or a Decathlon dataset.json with a test list")  # fmt: skip
     stems = [_stem(p) for p in files]
-    numbered = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() for s in stems)
-    if not numbered:
+    # nnU-Net's channel files end in _0000 .. _{C-1}; other numbers (amos_0001) are cases.
+    channels = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() and int(s[-4:]) < in_channels
+                   for s in stems)  # fmt: skip
+    if not channels:
         return [(s, str(p)) for s, p in zip(stems, files, strict=True)]
     from haloseg.data.nnunet import nnunet_images
 

@@ -98,9 +98,9 @@ def open_image(path: str | os.PathLike, spatial_dims: int, in_channels: int) -> 
     """``path`` as a lazily read ``(C, *spatial)`` array for a network of ``spatial_dims``
     and ``in_channels``; the channel axis is the first or last one of that length."""
     path = Path(path)
-    suffix = suffix_of(path)
     if not path.exists():
         raise DataError(f"input {path} does not exist")
+    suffix = suffix_of(path)
     try:
         array, default = _raw(path, suffix)
     except Exception as e:  # noqa: BLE001 - any reader's failure is a bad file
@@ -152,11 +152,14 @@ class Output:
         staged = self.path.with_name(f".partial-{self.path.name}")  # keeps the suffix
         data = np.load(self.temporary, mmap_mode="r")
         geometry = self.geometry if self.geometry and self.geometry.kind == self.convert else None
-        if self.convert == "tiff":
-            write_tiff(staged, data, geometry, self.nodata, self.channels)
-        else:
-            write_nifti(staged, data, geometry, self.channels)
-        os.replace(staged, self.path)
+        try:
+            if self.convert == "tiff":
+                write_tiff(staged, data, geometry, self.nodata, self.channels)
+            else:
+                write_nifti(staged, data, geometry, self.channels)
+            os.replace(staged, self.path)
+        finally:
+            staged.unlink(missing_ok=True)  # gone after the rename; removed after a failure
         self.discard()
         return self.path
 

@@ -9,6 +9,7 @@ labels (uint8 arg-max) or scores (float16 by default).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import queue
@@ -146,6 +147,7 @@ def predict_tiled(
     core = aligned_tile(tile_size, rf.alignment)
     if isinstance(normalize, str):
         normalize = image_statistics(image, normalize, core, name=name)
+    normalize = dataclasses.replace(normalize, dtype=next(model.parameters()).dtype)
     tiles = plan_tiles(image.shape[1:], core, rf)
     tiles = tiles[part[0] :: part[1]]
     device = torch.device(device) if device is not None else next(model.parameters()).device

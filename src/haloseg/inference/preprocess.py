@@ -9,6 +9,7 @@ float64. An image larger than memory is read a chunk at a time, so only one chun
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class Normalization:
     scheme: str
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
+    """The model's dtype: float64 models get float64 inputs normalised as training does."""
 
     @staticmethod
     def from_moments(scheme: str, moments: torch.Tensor) -> Normalization:
@@ -53,7 +56,7 @@ class Normalization:
         """``block (C, *spatial)`` of the image, normalised (float32)."""
         if self.scheme == "none":
             return block
-        image = torch.from_numpy(np.ascontiguousarray(block, np.float32))
+        image = torch.from_numpy(np.ascontiguousarray(block, np.float32)).to(self.dtype)
         valid = torch.ones(image.shape[1:], dtype=torch.bool)
         mask = normalization_mask(image, valid, self.scheme)
         return apply_zscore(image, self.mean, self.std, mask).numpy()
@@ -67,7 +70,12 @@ def chunk_boxes(shape: Sequence[int], chunk: Sequence[int]) -> Iterator[tuple[sl
 
 def read_checked(image: Any, where: tuple[slice, ...], name: str) -> np.ndarray:
     """``image[:, *where]`` as float32 after refusing NaN or Inf (naming the file)."""
-    block = np.array(image[(slice(None), *where)], np.float32)  # a writable copy
+    try:
+        block = np.array(image[(slice(None), *where)], np.float32)  # a writable copy
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error) as e:
+        # A truncated or corrupt file (nibabel, tifffile's codecs, zarr) fails here, chunk by
+        # chunk: a one-line error that every process learns of (``agree``), not a traceback.
+        raise DataError(f"{name} is not readable ({e}); re-export or re-download it") from None
     if not np.isfinite(block).all():
         bad = int(block.size - np.isfinite(block).sum())
         raise _non_finite(name, bad)

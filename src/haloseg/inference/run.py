@@ -12,6 +12,7 @@ split over the processes by the spatial engine. Rank 0 creates and finishes the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -93,13 +94,34 @@ def _release_large_frees() -> None:
         pass
 
 
-def _rank_world() -> tuple[int, int]:
+def _rank_world(device: str) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+        # Halos of GPU blocks travel by NCCL; small CPU tensors (agreement, sums) by gloo.
+        gpu = torch.device(device).type == "cuda"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _device(device: str) -> str:
+    """``cuda`` under torchrun is this process's GPU (LOCAL_RANK), not every process's 0."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def _same_tiles(plan: Plan, world: int) -> Plan:
+    """The smallest tile any process chose: processes share out chunks and tiles by index,
+    so they must cut the image alike (a budget leaves each its own resident memory)."""
+    if world == 1 or plan.core is None:
+        return plan
+    core = torch.tensor(plan.core, dtype=torch.int64)
+    dist.all_reduce(core, op=dist.ReduceOp.MIN)
+    core = tuple(int(c) for c in core)
+    return dataclasses.replace(plan, core=core, chunks=core)
 
 
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -115,20 +137,25 @@ def open_source(source: Source, spec: RunSpec) -> Any:
     return stack_channels([open_image(p, spec.spatial_dims, 1) for p in source], source)
 
 
-def _warn_spacing(source: Source, spec: RunSpec) -> None:
-    """Warn when the image's voxel spacing is far from the training images'."""
+def _warn_geometry(source: Source, spec: RunSpec) -> None:
+    """Warn when the image's voxel spacing or axis order is not the training images'."""
     first = Path(source if isinstance(source, (str, os.PathLike)) else source[0])
-    if spec.spacing is None or not first.name.lower().endswith((".nii", ".nii.gz")):
+    if not first.name.lower().endswith((".nii", ".nii.gz")):
         return
     import nibabel as nib
 
-    spacing = nib.load(first).header.get_zooms()[: len(spec.spacing)]
-    if any(abs(a / b - 1) > 0.1 for a, b in zip(spacing, spec.spacing, strict=False) if b):
-        log.warning(
-            "%s has voxel spacing %s but the model was trained at %s; resample the image to "
-            "the training spacing for predictions like validation's", first,
-            tuple(round(float(v), 3) for v in spacing), tuple(spec.spacing),
-        )  # fmt: skip
+    header = nib.load(first)
+    fix = "resample/reorient it like the training images for predictions like validation's"
+    if spec.spacing is not None:
+        spacing = header.header.get_zooms()[: len(spec.spacing)]
+        if any(abs(a / b - 1) > 0.1 for a, b in zip(spacing, spec.spacing, strict=False) if b):
+            shown = tuple(round(float(v), 3) for v in spacing)
+            log.warning("%s has voxel spacing %s but the model was trained at %s; %s", first,
+                        shown, tuple(spec.spacing), fix)  # fmt: skip
+    axes = "".join(nib.aff2axcodes(header.affine))
+    if spec.orientation is not None and axes != spec.orientation:
+        log.warning("%s has axes %s but the model was trained on %s images; %s", first, axes,
+                    spec.orientation, fix)  # fmt: skip
 
 
 def infer(
@@ -158,11 +185,14 @@ def infer(
     net, spec = model if model is not None else load_model(checkpoint)
     name = str(source if isinstance(source, (str, os.PathLike)) else source[0])
     image = open_source(source, spec)
-    _warn_spacing(source, spec)
-    rank, world = _rank_world()
+    _warn_geometry(source, spec)
+    device = _device(device)
+    rank, world = _rank_world(device)
     spatial = tuple(image.shape[1:])
-    plan = plan_image(net.to(device), spec, spatial, tile=tile, grid=grid,
-                      max_memory=max_memory, batch_size=batch_size, world=world)  # fmt: skip
+    plan = agree(lambda: plan_image(net.to(device), spec, spatial, tile=tile, grid=grid,
+                                    max_memory=max_memory, batch_size=batch_size,
+                                    world=world))  # fmt: skip
+    plan = _same_tiles(plan, world)
     classes = spec.model["out_channels"]
     shape = spatial if output == "labels" else (classes, *spatial)
     dtype = (
@@ -170,12 +200,11 @@ def infer(
     )
     chunks = plan.chunks if output == "labels" else (classes, *plan.chunks)
     nodata = (255 if classes < 255 else None) if output == "labels" else float("nan")
-    out = None
-    if rank == 0:
-        out = create_output(target, shape, dtype, chunks, geometry=read_geometry(name),
-                            nodata=nodata, channels=output != "labels")  # fmt: skip
-    if world > 1:
-        dist.barrier()
+    # Rank 0 alone creates the output; its refusal (an existing file...) is every rank's.
+    out = agree(lambda: create_output(
+        target, shape, dtype, chunks, geometry=read_geometry(name), nodata=nodata,
+        channels=output != "labels",
+    ) if rank == 0 else None)  # fmt: skip
     array = out.array if out is not None else reopen_output(
         Output(Path(target), None, _staged(Path(target)), None)
     )  # fmt: skip

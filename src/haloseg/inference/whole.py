@@ -67,6 +67,7 @@ def predict_whole_image(
     # A bad block on one rank (NaN, unreadable) is raised on all before any collective.
     x, valid, inside = agree(lambda: _read_block(image, box, name), dec.group)
     dtype = next(model.parameters()).dtype
+    x = x.to(dtype)  # training normalises in the model's dtype (float64 runs included)
     if normalize != "none":
         mask = normalization_mask(x, valid, normalize)
         mean, std = zscore_from_moments(global_sum(block_moments(x, mask), dec))
