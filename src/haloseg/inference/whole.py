@@ -24,8 +24,7 @@ from haloseg.data.normalize import (
     normalization_mask,
     zscore_from_moments,
 )
-from haloseg.inference.preprocess import read_checked
-from haloseg.inference.tiles import Merger, Tile
+from haloseg.inference.tiles import Merger, Tile, read_tile
 from haloseg.parallel import Decomposition, global_sum, spatial_parallel
 from haloseg.training.samples import padded_shape
 from haloseg.training.setup import agree
@@ -39,10 +38,10 @@ def _read_block(
     """(block ``(C, *box)`` zero beyond the image, valid mask, the part inside the image)."""
     spatial = image.shape[1:]
     inside = tuple((min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, spatial, strict=True))
-    block = read_checked(image, tuple(slice(lo, hi) for lo, hi in inside), name)
-    pad = [(0, 0)] + [(0, (hi - lo) - (e - s)) for (lo, hi), (s, e) in zip(box, inside)]
-    valid = np.pad(np.ones(block.shape[1:], bool), pad[1:])
-    return torch.from_numpy(np.pad(block, pad)), torch.from_numpy(valid), inside
+    block = read_tile(image, Tile(read=tuple(box), core=inside), name=name)
+    valid = np.zeros(block.shape[1:], bool)
+    valid[tuple(slice(0, hi - lo) for lo, hi in inside)] = True
+    return torch.from_numpy(block), torch.from_numpy(valid), inside
 
 
 def predict_whole_image(
