@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# segmentation_models_pytorch needs torchvision, whose PyPI build imports only beside a
+# matching torch build: its tests run in a venv of their own.
+SMP_VENV := .venv-smp
+SMP_STAMP := $(SMP_VENV)/.installed
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-smp test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +22,21 @@ demo: $(STAMP)
 	$(VENV)/bin/haloseg demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not smp"
+	$(MAKE) test-smp
+
+$(SMP_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(SMP_VENV)
+	$(SMP_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(SMP_VENV)/bin/python -m pip install -q -e ".[smp]" pytest monai
+	touch $(SMP_STAMP)
+
+test-smp: $(SMP_STAMP)
+	$(SMP_VENV)/bin/python -m pytest -q -m smp tests/test_registry.py tests/test_model_target.py
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "not smp"
+	$(MAKE) test-smp
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
@@ -31,4 +46,4 @@ bench: $(STAMP)
 	$(VENV)/bin/haloseg bench spatial --json docs/bench-spatial.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SMP_VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

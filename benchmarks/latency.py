@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from haloseg.parallel.comm import gather_small
 from haloseg.parallel.spawn import run_distributed
+from haloseg.parallel.transport import gather_small
 
 
 def _worker(work_ms: float, repeats: int) -> list[float]:

@@ -9,7 +9,7 @@ from torch import nn
 
 import haloseg
 from haloseg.memory.checkpoint import checkpoint_levels
-from haloseg.parallel import comm
+from haloseg.parallel import halo, transport
 
 
 def _unet(norm: str) -> nn.Module:
@@ -21,15 +21,17 @@ def _unet(norm: str) -> nn.Module:
 
 
 def _count_messages() -> list[int]:
-    """Wrap comm._post so that every posted halo message is counted."""
+    """Wrap transport.post so that every posted message (halos in halo.py, small exchanges
+    in transport.py) is counted."""
     counts = [0]
-    post = comm._post
+    post = transport.post
 
     def counting(sends, recvs, peers, group):  # noqa: ANN001, ANN202
         counts[0] += len(sends) + len(recvs)
         return post(sends, recvs, peers, group)
 
-    comm._post = counting
+    # halo.py holds its own reference to the function (``from ... import post``).
+    transport.post = halo.post = counting
     return counts
 
 

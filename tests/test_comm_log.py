@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 import haloseg
 from haloseg.bench.spatial import markdown, report, run_spatial_benchmark
-from haloseg.parallel.comm import late_waits, log_collectives
 from haloseg.parallel.spawn import run_distributed
+from haloseg.parallel.timing import late_waits, log_collectives
 
 
 def test_late_waits_counts_time_before_the_last_arrival() -> None:
@@ -72,7 +72,13 @@ def test_a_late_rank_is_measured_on_the_others() -> None:
 def test_benchmark_reports_the_split() -> None:
     # The program end to end on a small image; what the split means is tested above.
     rows = report(run_spatial_benchmark(["2d-128"], [2], 1, ["default"]))
-    assert [r["mode"] for r in rows] == ["plain PyTorch", "haloseg 1x2"]
+    assert [(r["mode"], r["memory_format"]) for r in rows] == [
+        (mode, fmt) for fmt in ("contiguous", "channels_last")
+        for mode in ("plain PyTorch", "haloseg 1x2")
+    ]  # fmt: skip
     assert rows[1]["comm_s"]["norm"] > 0 and rows[1]["transfer_share"] > 0
+    # Each row against plain PyTorch in its own format, and against the faster of the two.
+    assert min(rows[0]["time_vs_best_plain"], rows[2]["time_vs_best_plain"]) == 1.0
     table = markdown(rows)
     assert "| late wait | transfer | cpu spread |" in table
+    assert "| haloseg 1x2 | channels-last |" in table

@@ -47,7 +47,7 @@ class _Functional(nn.Module):
         self.conv = nn.Conv2d(1, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.conv(x), scale_factor=2)
+        return F.interpolate(self.conv(x), scale_factor=2, mode="bicubic")
 
 
 class _Reduces(nn.Module):
@@ -63,7 +63,7 @@ class _Reduces(nn.Module):
 @pytest.mark.parametrize(
     ("model", "pattern"),
     [
-        (nn.Sequential(_Functional()), r"'0': interpolate is a spatial operation"),
+        (nn.Sequential(_Functional()), r"'0': interpolate: mode='bicubic' is not supported"),
         (nn.Sequential(nn.Conv2d(1, 1, 1), _Reduces()), r"'1': .*mean changes the spatial shape"),
         (nn.Sequential(nn.Softmax(dim=2)), r"layer '0': dim=2 reaches across the image"),
         (nn.Sequential(nn.MaxPool2d(2, return_indices=True)), r"return_indices=True"),

@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from haloseg.errors import UnsupportedLayerError
@@ -120,13 +119,13 @@ def test_receptive_field_of_a_known_unet():
     assert rf.radius == ((107, 107), (107, 107)) and rf.alignment == 16 and rf.halo == (112, 112)
 
 
-class _Interpolating(nn.Module):
+class _Rolling(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.conv(x), scale_factor=1.0)
+        return torch.roll(self.conv(x), 1, dims=2)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +139,7 @@ class _Interpolating(nn.Module):
             "whole image",
         ),
         (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")), "circular"),
-        (_Interpolating, "interpolate"),
+        (_Rolling, "roll wraps around"),
     ],
     ids=["group", "instance", "bn-train", "global-pool", "circular", "functional"],
 )

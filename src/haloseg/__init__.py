@@ -9,6 +9,7 @@ from haloseg.errors import (
     UnsupportedLayerError,
 )
 from haloseg.evaluation import evaluate, evaluate_case
+from haloseg.geometry import register_layer
 from haloseg.inference import ReceptiveField, predict_tiled, receptive_field
 from haloseg.memory import ActivationSwapper, checkpoint_levels, plan, step_memory
 from haloseg.models import UNet, unet_preset
@@ -45,6 +46,7 @@ __all__ = [
     "plan",
     "predict_tiled",
     "receptive_field",
+    "register_layer",
     "soft_dice_loss",
     "spatial_parallel",
     "step_memory",

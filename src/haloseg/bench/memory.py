@@ -19,6 +19,7 @@ import torch
 
 from haloseg.memory.model import StepSpec, step_memory
 from haloseg.memory.planner import unet_spec
+from haloseg.units import GIB, MIB
 
 __all__ = [
     "CONFIGS",
@@ -51,7 +52,7 @@ class Calibration:
                          depth=self.depth, norm=self.norm, upsampling=self.upsampling,
                          batch=self.batch)  # fmt: skip
         return replace(spec, grid=self.grid, swap=self.swap, checkpoint=self.checkpoint,
-                       swap_budget=self.budget_mib * 2**20)  # fmt: skip
+                       swap_budget=self.budget_mib * MIB)  # fmt: skip
 
 
 CONFIGS = (
@@ -139,7 +140,7 @@ def _swapper(c: Calibration, model: torch.nn.Module) -> Any:
         return None
     from haloseg.memory.swap import ActivationSwapper
 
-    return ActivationSwapper(model, policy=c.swap, budget=c.budget_mib * 2**20 or None)
+    return ActivationSwapper(model, policy=c.swap, budget=c.budget_mib * MIB or None)
 
 
 def _leave_out_host_copies(swapper: Any, tracker: Any) -> None:
@@ -176,8 +177,8 @@ def run_memory_benchmark(
         predicted = step_memory(c.spec(scale)).peak
         rows.append({
             "config": c.name, "image": "x".join(str(s * scale) for s in c.image),
-            "device": device, "predicted_mib": predicted / 2**20,
-            "measured_mib": measured / 2**20, "ratio": predicted / measured,
+            "device": device, "predicted_mib": predicted / MIB,
+            "measured_mib": measured / MIB, "ratio": predicted / measured,
         })  # fmt: skip
     return rows
 
@@ -191,7 +192,7 @@ def swap_benchmark_rows(path: str) -> list[dict[str, Any]]:
 
     data = json.loads(open(path).read())
     preset = PRESETS[data["preset"]]
-    cap = int(data["device_memory_cap_gib"] * 2**30)
+    cap = int(data["device_memory_cap_gib"] * GIB)
     rows = []
     for r in data["largest"] + data["timing"]:
         spec = unet_spec(image=(r["edge"],) * 3, in_channels=1, classes=3,
@@ -199,11 +200,11 @@ def swap_benchmark_rows(path: str) -> list[dict[str, Any]]:
                          convs_per_level=preset["convs_per_level"])  # fmt: skip
         spec = replace(spec, loss="ce", swap=r["policy"], swap_budget=cap)
         predicted = step_memory(spec).peak
-        measured = r["peak_gib"] * 2**30
+        measured = r["peak_gib"] * GIB
         rows.append({
             "config": f"3d large swap {r['policy']}", "image": f"{r['edge']}^3",
-            "device": "cuda (H100)", "predicted_mib": predicted / 2**20,
-            "measured_mib": measured / 2**20, "ratio": predicted / measured,
+            "device": "cuda (H100)", "predicted_mib": predicted / MIB,
+            "measured_mib": measured / MIB, "ratio": predicted / measured,
         })  # fmt: skip
     unique = {(r["config"], r["image"]): r for r in rows}
     return list(unique.values())

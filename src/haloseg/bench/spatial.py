@@ -1,7 +1,9 @@
 """Spatial decomposition benchmark: per-rank peak memory, step time and communication.
 
 Each configuration runs in fresh processes (one thread each): plain PyTorch on the
-unmodified model in one process, and haloseg on 1, 2 and 4 ranks. Peak memory is the rise
+unmodified model in one process, and haloseg on 1, 2 and 4 ranks, each in contiguous and
+channels-last memory format (weights and input; oneDNN's CPU convolutions are faster in the
+latter, so plain PyTorch channels-last is the stronger baseline). Peak memory is the rise
 of the resident set during a forward+backward step (peak reset through
 ``/proc/self/clear_refs``), measured with the default allocator and allocator-neutral
 (glibc ``MALLOC_MMAP_THRESHOLD_=65536``: large tensors are returned to the OS when freed, so
@@ -26,14 +28,14 @@ import torch.nn.functional as F
 
 from haloseg.models import unet_preset
 from haloseg.parallel import Decomposition, cross_entropy, spatial_parallel
-from haloseg.parallel.comm import (
+from haloseg.parallel.spawn import run_distributed
+from haloseg.parallel.timing import (
     comm_cpu_times,
     comm_times,
     late_waits,
     log_collectives,
     reset_comm_times,
 )
-from haloseg.parallel.spawn import run_distributed
 from haloseg.resident import reset_peak, resident_kib
 
 __all__ = ["SCENARIOS", "Result", "markdown", "report", "run_spatial_benchmark", "write_json"]
@@ -46,6 +48,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "3d-128": {"shape": (128, 128, 128), "grids": {2: (1, 1, 2), 4: (1, 2, 2)}},
 }
 NEUTRAL = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMORY_FORMATS = ("contiguous", "channels_last")
+
+
+def _memory_format(name: str, spatial_dims: int) -> torch.memory_format:
+    if name == "contiguous":
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 @dataclass
@@ -72,19 +81,25 @@ class Result:
     cpu_spread: float = 0.0
     """The slowest rank's CPU time for the step ÷ the fastest's, minus one: how unequal the
     ranks' compute on equal blocks is."""
+    memory_format: str = "contiguous"
+    """Layout of the weights and the input: contiguous | channels_last."""
 
 
-def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str, Any]:
+def _worker(
+    scenario: str, grid: tuple[int, ...] | None, steps: int, memory_format: str = "contiguous"
+) -> dict[str, Any]:
     shape = SCENARIOS[scenario]["shape"]
+    fmt = _memory_format(memory_format, len(shape))
     torch.manual_seed(0)
     model = unet_preset("small", spatial_dims=len(shape), in_channels=1, out_channels=2)
+    model.to(memory_format=fmt)
     if grid is None:
         net, local = model, shape
     else:
         dec = Decomposition(grid)
         net = spatial_parallel(model, dec)
         local = tuple(b - a for a, b in dec.box(shape))
-    x = torch.randn(1, 1, *local)
+    x = torch.randn(1, 1, *local).contiguous(memory_format=fmt)
     target = torch.randint(0, 2, (1, *local))
     times, cpus, peaks, comms, comm_cpus, lates, transfers = [], [], [], [], [], [], []
     for step in range(steps + 1):
@@ -127,14 +142,17 @@ def _worker(scenario: str, grid: tuple[int, ...] | None, steps: int) -> dict[str
     }
 
 
-def _config(scenario: str, ranks: int | None, steps: int, allocator: str) -> Result:
+def _config(
+    scenario: str, ranks: int | None, steps: int, allocator: str, memory_format: str
+) -> Result:
     env = NEUTRAL if allocator == "neutral" else {}
+    args = (steps, memory_format)
     if ranks is None:
-        out = run_distributed(_worker, 1, scenario, None, steps, env=env, timeout=3600)
+        out = run_distributed(_worker, 1, scenario, None, *args, env=env, timeout=3600)
         mode, n = "plain PyTorch", 1
     else:
         grid = SCENARIOS[scenario]["grids"].get(ranks, (1,) * len(SCENARIOS[scenario]["shape"]))
-        out = run_distributed(_worker, ranks, scenario, grid, steps, env=env, timeout=3600)
+        out = run_distributed(_worker, ranks, scenario, grid, *args, env=env, timeout=3600)
         mode, n = f"haloseg {'x'.join(map(str, grid))}", ranks
     worst = max(out, key=lambda r: r["step_s"])
     comm = {k: max(r["comm_s"].get(k, 0.0) for r in out) for k in worst["comm_s"]}
@@ -142,35 +160,44 @@ def _config(scenario: str, ranks: int | None, steps: int, allocator: str) -> Res
     return Result(scenario, mode, n, allocator, worst["step_s"], worst["cpu_s"],
                   max(r["peak_mib"] for r in out), comm,
                   max(r["comm_cpu_s"] for r in out), max(r["late_wait_s"] for r in out),
-                  max(r["transfer_s"] for r in out), max(cpus) / min(cpus) - 1)  # fmt: skip
+                  max(r["transfer_s"] for r in out), max(cpus) / min(cpus) - 1,
+                  memory_format)  # fmt: skip
 
 
 def run_spatial_benchmark(
-    scenarios: list[str], ranks: list[int], steps: int, allocators: list[str]
-) -> list[Result]:
+    scenarios: list[str], ranks: list[int], steps: int, allocators: list[str],
+    memory_formats: list[str] | tuple[str, ...] = MEMORY_FORMATS,
+) -> list[Result]:  # fmt: skip
     """Run every configuration, one after another, and return the results."""
     results = []
     for scenario in scenarios:
         for allocator in allocators:
-            for n in [None, *ranks]:
-                log.info("running %s, %s ranks, %s allocator", scenario, n or "plain", allocator)
-                results.append(_config(scenario, n, steps, allocator))
+            for fmt in memory_formats:
+                for n in [None, *ranks]:
+                    log.info("running %s, %s ranks, %s allocator, %s", scenario,
+                             n or "plain", allocator, fmt)  # fmt: skip
+                    results.append(_config(scenario, n, steps, allocator, fmt))
     return results
 
 
 def report(results: list[Result]) -> list[dict[str, Any]]:
-    """Rows with the ratios the targets are stated in: time and memory against plain / P."""
+    """Rows with the ratios the targets are stated in: time and memory against plain / P
+    (plain PyTorch in the same memory format), and time against the faster plain PyTorch
+    step of the two formats (``time_vs_best_plain``, where both ran)."""
     rows = []
     for r in results:
-        plain = next(
+        plains = [
             p for p in results
             if p.scenario == r.scenario and p.allocator == r.allocator and p.ranks == 1
             and p.mode == "plain PyTorch"
-        )  # fmt: skip
+        ]  # fmt: skip
+        plain = next(p for p in plains if p.memory_format == r.memory_format)
+        best = min(p.step_s for p in plains)
         comm = sum(r.comm_s.values())
         rows.append({
             **asdict(r),
             "time_vs_plain": r.step_s / plain.step_s,
+            "time_vs_best_plain": r.step_s / best,
             "memory_vs_plain_over_P": r.peak_mib / (plain.peak_mib / r.ranks),
             "comm_share": comm / r.step_s,
             "comm_cpu_share": r.comm_cpu_s / r.step_s,
@@ -183,7 +210,8 @@ def report(results: list[Result]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (the format of docs/benchmarks.md)."""
     kinds = sorted({k for r in rows for k in r["comm_s"]})
-    head = ["mode", "allocator", "step s", "cpu s", "time/plain", "peak MiB",
+    head = ["mode", "format", "allocator", "step s", "cpu s", "time/plain", "time/best plain",
+            "peak MiB",
             "mem/(plain/P)", "comm share", "comm cpu share", "late wait", "transfer",
             "cpu spread",
             *(f"{k} s" for k in kinds)]  # fmt: skip
@@ -191,8 +219,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         plain = r["mode"] == "plain PyTorch"
         cells = [
-            r["mode"], r["allocator"], f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}",
-            f"{r['time_vs_plain']:.2f}", f"{r['peak_mib']:.0f}",
+            r["mode"], r.get("memory_format", "contiguous").replace("_", "-"), r["allocator"],
+            f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['time_vs_plain']:.2f}",
+            f"{r['time_vs_best_plain']:.2f}", f"{r['peak_mib']:.0f}",
             f"{r['memory_vs_plain_over_P']:.2f}", "—" if plain else f"{r['comm_share']:.1%}",
             "—" if plain else f"{r['comm_cpu_share']:.1%}",
             "—" if plain else f"{r['late_wait_share']:.1%}",

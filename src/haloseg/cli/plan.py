@@ -15,10 +15,9 @@ from haloseg.config import RunConfig
 from haloseg.errors import ConfigError
 from haloseg.memory.model import StepSpec
 from haloseg.memory.planner import DTYPES, HEADROOM, PlanRow, plan, tiled_redundancy, unet_spec
+from haloseg.units import GIB, MIB, format_bytes, parse_bytes
 
 __all__ = ["add_parser", "plan_run", "print_prediction", "size_arg"]
-
-_GIB = 2**30
 
 
 def size_arg(text: str) -> tuple[int, ...]:
@@ -54,8 +53,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace, console: Console) -> None:
-    from haloseg.inference.budget import parse_bytes
-
     for name in ("in_channels", "classes", "channels", "depth", "convs_per_level", "batch",
                  "max_devices", "top"):  # fmt: skip
         if getattr(args, name) < 1:
@@ -87,7 +84,7 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
 
 def _table(console: Console, rows: list[PlanRow], budget: int) -> None:
     table = Table(
-        title=f"predicted peak memory per device (device: {budget / _GIB:.1f} GiB; fits = "
+        title=f"predicted peak memory per device (device: {format_bytes(budget)}; fits = "
         f"within {HEADROOM:.0%} of it)"
     )
     for col in ("mix", "devices", "peak GiB", "activations GiB", "halos MiB", "to host GiB",
@@ -96,9 +93,9 @@ def _table(console: Console, rows: list[PlanRow], budget: int) -> None:
     for r in rows:
         m = r.memory
         table.add_row(
-            r.mix.describe(), str(r.mix.devices), f"{m.peak / _GIB:.2f}",
-            f"{m.activations / _GIB:.2f}", f"{m.halos / 2**20:.1f}",
-            f"{m.swapped / _GIB:.2f}", f"{r.mix.slowdown:.2f}", "yes" if r.fits else "no",
+            r.mix.describe(), str(r.mix.devices), f"{m.peak / GIB:.2f}",
+            f"{m.activations / GIB:.2f}", f"{m.halos / MIB:.1f}",
+            f"{m.swapped / GIB:.2f}", f"{r.mix.slowdown:.2f}", "yes" if r.fits else "no",
         )  # fmt: skip
     console.print(table)
 
@@ -107,14 +104,14 @@ def _verdict(console: Console, spec: StepSpec, rows: list[PlanRow], budget: int)
     best = rows[0]
     if not best.fits:
         console.print(
-            f"[red]nothing fits {budget / _GIB:.1f} GiB within the device limit: the smallest "
-            f"peak is {min(r.memory.peak for r in rows) / _GIB:.1f} GiB; raise --max-devices"
+            f"[red]nothing fits {format_bytes(budget)} within the device limit: the smallest "
+            f"peak is {format_bytes(min(r.memory.peak for r in rows))}; raise --max-devices"
         )
         return
     console.print(
         f"cheapest that fits: [bold]{best.mix.describe()}[/bold] on {best.mix.devices} "
-        f"device(s), {best.memory.peak / _GIB:.2f} GiB each, about {best.mix.slowdown:.2f}x "
-        "the plain step time"
+        f"device(s), {format_bytes(best.memory.peak, digits=2)} each, about "
+        f"{best.mix.slowdown:.2f}x the plain step time"
     )
     halo = _halo(spec)
     core = replace(spec, grid=best.mix.grid).block
@@ -163,18 +160,17 @@ def print_prediction(console: Console, spec: StepSpec, budget: int | None) -> No
     table.add_column("part")
     table.add_column("MiB", justify="right")
     for name, value in m.as_dict().items():
-        table.add_row(name, f"{value / 2**20:,.1f}")
+        table.add_row(name, f"{value / MIB:,.1f}")
     console.print(table)
     if budget is not None:
         verdict = "fits" if m.peak <= HEADROOM * budget else "does NOT fit"
-        console.print(f"{verdict} in {budget / _GIB:.1f} GiB (within {HEADROOM:.0%} of it)")
+        console.print(f"{verdict} in {format_bytes(budget)} (within {HEADROOM:.0%} of it)")
 
 
 def plan_run(cfg: RunConfig, console: Console) -> None:
     """``haloseg train CONFIG --plan``: the memory of the configured run, before it starts."""
     import torch
 
-    from haloseg.inference.budget import parse_bytes
     from haloseg.memory.savers import run_spec
     from haloseg.models import unet_preset
     from haloseg.training.samples import padded_shape

@@ -77,7 +77,7 @@ def add_parser(sub: Any) -> None:
 def run_bench(args: argparse.Namespace, console: Console) -> None:
     """The ``haloseg bench tune`` command."""
     from haloseg.bench.tune import markdown, run_tune_benchmark
-    from haloseg.cli.main import _emit
+    from haloseg.cli.bench import emit as _emit
 
     rows = run_tune_benchmark(args.workers, args.steps, args.size, args.modes)
     table = Table(title=f"one search of {rows[0]['trials']} trials, {args.workers} workers")
@@ -96,7 +96,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> None:
 def add_bench_parser(bsub: Any) -> None:
     """Register ``haloseg bench tune`` on the benchmark subparsers."""
     from haloseg.bench.tune import MODES
-    from haloseg.cli.main import _output_args
+    from haloseg.cli.bench import output_args as _output_args
 
     bench = bsub.add_parser("tune", help="one search: sequential, parallel trials, "
                             "data-parallel trials")  # fmt: skip

@@ -4,16 +4,15 @@ A dataset folder holds ``imagesTr/CASE_0000.nii.gz`` .. ``CASE_{C-1:04d}.nii.gz`
 per channel), ``labelsTr/CASE.nii.gz`` and optionally ``imagesTs``. Cases are the label files,
 sorted. As in the Decathlon reader, a block is read by slicing each file's nibabel array
 proxy, so only the block is kept in memory. What ``labels`` in dataset.json declares (classes,
-regions, the ignore value) is parsed in :mod:`haloseg.data._nnunet_labels`.
+regions, the ignore value) is parsed in :mod:`haloseg.data._nnunet_labels`, the case files
+are found in :mod:`haloseg.data._nnunet_files`, and :mod:`haloseg.data._nnunet_write` writes
+datasets.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,32 +21,17 @@ import nibabel as nib
 import numpy as np
 
 from haloseg.data._blocks import check_index, image_block, select_indices
-from haloseg.data._nifti import (
-    check_case_count,
-    check_case_shapes,
-    load,
-    read_block,
-    read_json,
-)
-from haloseg.data._nnunet_labels import Labels, given_ignore, label_values, parse_labels
+from haloseg.data._nifti import load, read_block, read_json
+from haloseg.data._nnunet_files import NIFTI_ENDINGS, Case, nnunet_images, training_cases
+from haloseg.data._nnunet_labels import given_ignore, label_values, parse_labels
+from haloseg.data._nnunet_write import write_nnunet
 from haloseg.data.base import Box, SampleInfo, check_box
 from haloseg.errors import DataError
 
+# nnunet_images and write_nnunet live in the _nnunet_files and _nnunet_write modules.
 __all__ = ["NnUNetDataset", "nnunet_images", "write_nnunet"]
 
 log = logging.getLogger(__name__)
-
-# The endings nibabel reads; nnU-Net also allows .png, .tif, .nrrd, ... which this reader does not.
-_NIFTI_ENDINGS = (".nii.gz", ".nii")
-
-
-@dataclass(frozen=True)
-class _Case:
-    """One training case: its channel files in channel order and its label file."""
-
-    name: str
-    images: tuple[Path, ...]
-    label: Path
 
 
 @dataclass(frozen=True)
@@ -92,7 +76,7 @@ class NnUNetDataset:
         self.label_names = labels.names
         self.regions = labels.regions
         self.ignore_label = labels.ignore_label
-        cases = _training_cases(self.root, self.file_ending, self.in_channels)
+        cases = training_cases(self.root, self.file_ending, self.in_channels)
         _check_count(spec.get("numTraining"), len(cases), path)
         self._cases = [cases[i] for i in select_indices(indices, len(cases), str(self.root))]
         self.case_names = [case.name for case in self._cases]
@@ -145,10 +129,10 @@ def _load_spec(path: Path) -> dict[str, Any]:
     for key, kind in (("channel_names", dict), ("labels", dict), ("file_ending", str)):
         if not isinstance(spec.get(key), kind):
             raise DataError(f"{path} lacks '{key}' as a JSON {_json_kind(kind)}; {_hint(spec)}")
-    if spec["file_ending"] not in _NIFTI_ENDINGS:
+    if spec["file_ending"] not in NIFTI_ENDINGS:
         raise DataError(
             f"{path} has file_ending {spec['file_ending']!r}; this reader reads NIfTI "
-            f"({' or '.join(_NIFTI_ENDINGS)}); convert the images to NIfTI"
+            f"({' or '.join(NIFTI_ENDINGS)}); convert the images to NIfTI"
         )
     return spec
 
@@ -178,57 +162,6 @@ def _channel_names(channels: dict[str, Any], path: Path) -> list[str]:
     return [str(channels[key]) for key in expected]
 
 
-def _training_cases(root: Path, file_ending: str, in_channels: int) -> list[_Case]:
-    """One case per file of ``labelsTr``, sorted, with its channel files checked to exist."""
-    labels = _folder(root / "labelsTr")
-    names = sorted(n for n in os.listdir(labels) if _is_data(n, file_ending))
-    if not names:
-        raise DataError(
-            f"{labels} holds no *{file_ending} files; expected one label map per case "
-            "(CASE.nii.gz), as dataset.json's file_ending says"
-        )
-    images = _folder(root / "imagesTr")
-    present = set(os.listdir(images))
-    cases = []
-    for name in names:
-        case = name[: -len(file_ending)]
-        why = f"dataset.json lists {in_channels} channels (channel_names)"
-        fix = f"add the file or remove case {case} from labelsTr"
-        paths = _channel_paths(images, case, file_ending, in_channels, present, why, fix)
-        cases.append(_Case(case, paths, labels / name))
-    return cases
-
-
-def _folder(path: Path) -> Path:
-    if not path.is_dir():
-        raise DataError(
-            f"{path} is not a folder; an nnU-Net v2 raw dataset holds imagesTr and labelsTr"
-        )
-    return path
-
-
-def _is_data(name: str, file_ending: str) -> bool:
-    # Dot files are editor or macOS metadata (._CASE.nii.gz), never cases.
-    return name.endswith(file_ending) and not name.startswith(".")
-
-
-def _channel_paths(
-    folder: Path,
-    case: str,
-    file_ending: str,
-    in_channels: int,
-    present: set[str],
-    why: str,
-    fix: str,
-) -> tuple[Path, ...]:
-    """``folder/CASE_0000<ending>`` .. one per channel, refusing the first that is missing."""
-    names = [f"{case}_{channel:04d}{file_ending}" for channel in range(in_channels)]
-    for name in names:
-        if name not in present:
-            raise DataError(f"{folder / name} does not exist but {why}; {fix}")
-    return tuple(folder / name for name in names)
-
-
 def _check_count(expected: Any, found: int, path: Path) -> None:
     if expected is not None and expected != found:
         log.warning(
@@ -240,7 +173,7 @@ def _check_count(expected: Any, found: int, path: Path) -> None:
         )
 
 
-def _open_case(case: _Case) -> _Opened:
+def _open_case(case: Case) -> _Opened:
     """Headers of ``case``, checked: 3-D channel files and label map on one grid."""
     images = [load(path) for path in case.images]
     label = load(case.label)
@@ -268,105 +201,3 @@ def _open_case(case: _Case) -> _Opened:
         spacing=tuple(float(z) for z in zooms),
         orientation="".join(nib.aff2axcodes(images[0].affine)),
     )
-
-
-def nnunet_images(
-    folder: str | Path, in_channels: int, file_ending: str = ".nii.gz"
-) -> dict[str, list[Path]]:
-    """The channel files of each case in an nnU-Net image folder such as ``imagesTs``.
-
-    Returns ``{case: [CASE_0000<ending>, ..]}`` sorted by case, ``in_channels`` files each.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; expected a folder of CASE_0000{file_ending}")
-    if in_channels < 1:
-        raise DataError(f"in_channels is {in_channels}; expected at least 1")
-    present = {n for n in os.listdir(folder) if _is_data(n, file_ending)}
-    pattern = re.compile(rf"(.+)_(\d{{4}}){re.escape(file_ending)}")
-    cases: set[str] = set()
-    for name in sorted(present):
-        match = pattern.fullmatch(name)
-        if match is None or int(match[2]) >= in_channels:
-            raise DataError(
-                f"{folder / name} is not named CASE_XXXX{file_ending} with a channel index "
-                f"below {in_channels}; rename it or pass the right in_channels"
-            )
-        cases.add(match[1])
-    if not cases:
-        raise DataError(f"{folder} holds no *_0000{file_ending} files; expected nnU-Net images")
-    why = f"in_channels is {in_channels}"
-    fix = "add the file or remove the case's other channel files"
-    return {
-        case: list(_channel_paths(folder, case, file_ending, in_channels, present, why, fix))
-        for case in sorted(cases)
-    }
-
-
-def write_nnunet(
-    root: str | Path,
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    *,
-    channel_names: Sequence[str],
-    labels_spec: Mapping[str, int | list[int]],
-    regions_class_order: Sequence[int] | None = None,
-    affine: np.ndarray | None = None,
-    file_ending: str = ".nii.gz",
-) -> Path:
-    """Write ``images`` ``(C, H, W, D)`` and ``labels`` ``(H, W, D)`` as an nnU-Net v2 dataset.
-
-    Cases are named ``case_000`` onwards; every file gets ``affine`` (identity by default).
-    ``labels_spec`` is written as dataset.json's ``labels``. Returns the path of
-    ``dataset.json``.
-    """
-    root = Path(root)
-    path = root / "dataset.json"
-    if file_ending not in _NIFTI_ENDINGS:
-        raise DataError(f"file_ending is {file_ending!r}; expected one of {_NIFTI_ENDINGS}")
-    order = None if regions_class_order is None else list(regions_class_order)
-    parsed = parse_labels(labels_spec, order, path)
-    affine = _affine(affine)
-    _check_writable(images, labels, len(channel_names), parsed)
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    highest = parsed.num_classes - 1 if parsed.ignore_label is None else parsed.ignore_label
-    label_dtype = np.uint8 if highest <= 255 else np.int32
-    for number, (image, label) in enumerate(zip(images, labels, strict=True)):
-        case = f"case_{number:03d}"
-        for channel, data in enumerate(np.asarray(image, dtype=np.float32)):
-            file = root / "imagesTr" / f"{case}_{channel:04d}{file_ending}"
-            nib.save(nib.Nifti1Image(data, affine), file)
-        label_data = np.asarray(label, dtype=label_dtype)
-        nib.save(nib.Nifti1Image(label_data, affine), root / "labelsTr" / f"{case}{file_ending}")
-    spec: dict[str, Any] = {
-        "channel_names": {str(i): name for i, name in enumerate(channel_names)},
-        "labels": dict(labels_spec),
-        "numTraining": len(images),
-        "file_ending": file_ending,
-    }
-    if order is not None:
-        spec["regions_class_order"] = order
-    path.write_text(json.dumps(spec, indent=4))
-    return path
-
-
-def _affine(affine: np.ndarray | None) -> np.ndarray:
-    if affine is None:
-        return np.eye(4)
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise DataError(f"affine has shape {affine.shape}; expected a (4, 4) voxel-to-world matrix")
-    return affine
-
-
-def _check_writable(
-    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], channels: int, parsed: Labels
-) -> None:
-    """Refuse cases ``write_nnunet`` would write inconsistently with ``dataset.json``."""
-    check_case_count(images, labels)
-    if channels < 1:
-        raise DataError("channel_names is empty; expected one name per channel")
-    for number, (image, label) in enumerate(zip(images, labels, strict=True)):
-        check_case_shapes(number, image, label, channels, "channel names")
-        label_values(np.asarray(label), f"label {number}", parsed)

@@ -18,27 +18,11 @@ from torch import nn
 from haloseg.errors import ConfigError
 from haloseg.inference.receptive import ReceptiveField
 from haloseg.memory.tracker import LiveBytes
+from haloseg.units import format_bytes
 
-__all__ = ["bytes_per_voxel", "parse_bytes", "tile_for_budget"]
+__all__ = ["bytes_per_voxel", "tile_for_budget"]
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_bytes(text: str) -> int:
-    """``"2GB"``, ``"512MiB"``, ``"1.5e9"`` -> bytes."""
-    t = text.strip().upper().replace(" ", "")
-    number = t.rstrip("KMGTIB")
-    unit = t[len(number) :]
-    try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"memory size {text!r} is not like 2GB, 512MiB or 1.5e9")
-    return int(value)
 
 
 def bytes_per_voxel(model: nn.Module, spatial_dims: int, in_channels: int, side: int) -> float:
@@ -77,8 +61,8 @@ def tile_for_budget(
     if core < a:
         need = per_voxel * (a + 2 * max(rf.halo)) ** spatial_dims
         raise ConfigError(
-            f"a memory budget of {budget / 2**20:.0f} MiB fits no tile: the smallest tile "
-            f"({a} + 2 x {max(rf.halo)} halo per side) needs {need / 2**20:.0f} MiB; "
+            f"a memory budget of {format_bytes(budget, 'MiB', 0)} fits no tile: the smallest "
+            f"tile ({a} + 2 x {max(rf.halo)} halo per side) needs {format_bytes(need, 'MiB', 0)}; "
             "raise --max-memory"
         )
     log.info("tile core %d^%d from %.0f bytes per voxel", core, spatial_dims, per_voxel)

@@ -13,14 +13,16 @@ from pathlib import Path
 from torch import nn
 
 from haloseg.errors import ConfigError, UnsupportedLayerError
+from haloseg.geometry import Unsupported, layer_geometry
 from haloseg.inference.budget import bytes_per_voxel, tile_for_budget
 from haloseg.inference.receptive import ReceptiveField, receptive_field
 from haloseg.inference.tiles import aligned_tile
 from haloseg.inference.whole import auto_grid, block_chunks, whole_image_bytes
 from haloseg.parallel import Decomposition
-from haloseg.parallel.convert import downsampling_factor
+from haloseg.parallel.alignment import downsampling_factor
 from haloseg.resident import resident_kib
 from haloseg.training.spec import RunSpec
+from haloseg.units import format_bytes
 
 __all__ = ["Plan", "plan_image"]
 
@@ -93,8 +95,8 @@ def _check_whole_fits(
     grid = " ".join(map(str, auto_grid(spatial, n)))
     raise ConfigError(
         f"{reason}, so it runs as one whole-image forward pass, which needs about "
-        f"{need / 2**30:.1f} GiB for {'x'.join(map(str, spatial))} but the budget is "
-        f"{budget / 2**30:.1f} GiB; split the image over processes: torchrun "
+        f"{format_bytes(need)} for {'x'.join(map(str, spatial))} but the budget is "
+        f"{format_bytes(budget)}; split the image over processes: torchrun "
         f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}"
     )
 
@@ -117,7 +119,7 @@ def plan_image(
     try:
         rf = receptive_field(model, dims)
     except UnsupportedLayerError as e:
-        if not _global_statistics(model):
+        if not _global_statistics(model, dims):
             raise
         if tile is not None:
             log.warning("--tile %s is not used: %s, so the image runs whole", tile, _first(e))
@@ -137,13 +139,16 @@ def plan_image(
     return Plan(chunks=core, rf=rf, core=core)
 
 
-def _global_statistics(model: nn.Module) -> bool:
-    """Whether ``model`` normalises with statistics over the whole image."""
-    norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-    return any(
-        isinstance(m, norms) and not getattr(m, "track_running_stats", False)
-        for m in model.modules()
-    )
+def _global_statistics(model: nn.Module, spatial_dims: int) -> bool:
+    """Whether ``model`` has a layer whose geometry needs statistics over the whole image."""
+
+    def needs(m: nn.Module) -> bool:
+        try:
+            return layer_geometry(m, spatial_dims).kind == "global"
+        except Unsupported:
+            return False
+
+    return any(needs(m) for m in model.modules())
 
 
 def _first(e: Exception) -> str:

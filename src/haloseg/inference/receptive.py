@@ -12,20 +12,25 @@ far-away voxels (circular padding) is refused with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from haloseg.errors import UnsupportedLayerError
-from haloseg.geometry import AxisRule, ConvAxis, IndexAxis, TransposedConvAxis, same_padding
-from haloseg.models.unet import Crop
-from haloseg.parallel.convert import downsampling_factor
+from haloseg.geometry import (
+    AxisRule,
+    Geometry,
+    Unsupported,
+    call_geometry,
+    layer_entry,
+    layer_geometry,
+)
+from haloseg.parallel.alignment import downsampling_factor
 
 __all__ = ["ReceptiveField", "receptive_field"]
 
@@ -45,22 +50,6 @@ class ReceptiveField:
         return tuple(-(-max(lo, hi) // a) * a for lo, hi in self.radius)
 
 
-_GLOBAL = {
-    F.group_norm: "GroupNorm normalises with statistics over the whole image",
-    F.layer_norm: "LayerNorm normalises with statistics over the whole image",
-    F.adaptive_avg_pool1d: "adaptive pooling reads the whole image",
-    F.adaptive_avg_pool2d: "adaptive pooling reads the whole image",
-    F.adaptive_avg_pool3d: "adaptive pooling reads the whole image",
-    F.adaptive_max_pool1d: "adaptive pooling reads the whole image",
-    F.adaptive_max_pool2d: "adaptive pooling reads the whole image",
-    F.adaptive_max_pool3d: "adaptive pooling reads the whole image",
-}
-_SPATIAL = {
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.interpolate, F.upsample, F.grid_sample, F.pad, F.fold, F.unfold, F.pixel_shuffle,
-    F.pixel_unshuffle, torch.roll, torch.flip, torch.Tensor.roll, torch.Tensor.flip,
-}  # fmt: skip
 _NORM_HINT = (
     "; tiles would see other statistics than the whole image. Run it on whole images: "
     "haloseg infer does so by itself (one process when the image fits --max-memory, or "
@@ -69,55 +58,13 @@ _NORM_HINT = (
 )
 
 
-def _tuple(v: Any, n: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-def _conv_rules(m: nn.modules.conv._ConvNd, n: int) -> list[AxisRule]:
-    if m.padding_mode == "circular":
-        raise ValueError("circular padding wraps around the whole image")
-    k, s, d = _tuple(m.kernel_size, n), _tuple(m.stride, n), _tuple(m.dilation, n)
-    if m.transposed:
-        p, op = _tuple(m.padding, n), _tuple(m.output_padding, n)
-        return [TransposedConvAxis(k[i], s[i], p[i], op[i], d[i]) for i in range(n)]
-    if m.padding == "same":
-        pads = [same_padding(k[i], d[i]) for i in range(n)]
-    elif m.padding == "valid":
-        pads = [(0, 0)] * n
-    else:
-        pads = [(p, p) for p in _tuple(m.padding, n)]
-    return [ConvAxis(k[i], s[i], *pads[i], d[i]) for i in range(n)]
-
-
-def _pool_rules(m: nn.Module, n: int) -> list[AxisRule]:
-    k, p = _tuple(m.kernel_size, n), _tuple(m.padding, n)
-    s = _tuple(m.stride if m.stride is not None else m.kernel_size, n)
-    d = _tuple(getattr(m, "dilation", 1), n)
-    return [ConvAxis(k[i], s[i], p[i], p[i], d[i], m.ceil_mode) for i in range(n)]
-
-
-def _upsample_rules(m: nn.Upsample, n: int, sizes: Sequence[int]) -> list[AxisRule]:
-    from haloseg.parallel.layers import PartitionedUpsample  # its exact index tables
-
-    tables = [PartitionedUpsample._table(m, sizes[i], i, n) for i in range(n)]  # type: ignore[arg-type]
-    return [IndexAxis(t.lo, t.hi) for t in tables]
-
-
-def _crop_rules(m: Crop, n: int) -> list[AxisRule]:
-    return [ConvAxis(1, 1, -c, -c) for c in m.margins]
-
-
-_RULES: list[tuple[type | tuple[type, ...], Callable[..., list[AxisRule]]]] = [
-    (nn.modules.conv._ConvNd, lambda m, n, sizes: _conv_rules(m, n)),
-    ((nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd),
-     lambda m, n, sizes: _pool_rules(m, n)),
-    (nn.Upsample, _upsample_rules),
-    (Crop, lambda m, n, sizes: _crop_rules(m, n)),
-]  # fmt: skip
-
-
-def _rule_of(m: nn.Module) -> Callable[..., list[AxisRule]] | None:
-    return next((r for cls, r in _RULES if isinstance(m, cls)), None)
+def _checked(geometry: Geometry) -> Geometry:
+    """``geometry``, or the reason tiles cannot reproduce it."""
+    if geometry.kind == "global":
+        raise Unsupported(geometry.reason + _NORM_HINT)
+    if geometry.periodic:
+        raise Unsupported("circular padding wraps around the whole image")
+    return geometry
 
 
 @dataclass
@@ -137,15 +84,25 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # ids stay unique while the record lives
         self.inside = 0
         self.stack: list[str] = []
+        self.images: set[int] = set()
 
-    def ids(self, tree: Any) -> list[int]:
+    def ids(self, tree: Any, *, images_only: bool = False) -> list[int]:
+        """Ids of the image-shaped tensors in ``tree`` (kept alive, so ids stay unique);
+        with ``images_only``, of those computed from the input (not from weights alone)."""
         leaves, _ = tree_flatten(tree)
         out = []
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.dim() >= self.n + 2:
+                if images_only and id(t) not in self.images:
+                    continue
                 self.keep.append(t)
                 out.append(id(t))
         return out
+
+    def shapes(self, tree: Any, ids: list[int]) -> set[tuple[int, ...]]:
+        leaves, _ = tree_flatten(tree)
+        return {tuple(t.shape[-self.n :]) for t in leaves
+                if isinstance(t, torch.Tensor) and id(t) in ids}  # fmt: skip
 
     def refuse(self, reason: str) -> None:
         where = self.stack[-1] if self.stack else "<root>"
@@ -157,68 +114,82 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.inside:
             return func(*args, **kwargs)
-        self._check(func, args, kwargs)
+        geometry = None
+        try:
+            geometry = call_geometry(func, args, kwargs, self.n)
+            if geometry is not None:
+                geometry = _checked(geometry)
+        except Unsupported as e:
+            self.refuse(f"{e}")
         out = func(*args, **kwargs)
-        ins, outs = self.ids((args, kwargs)), self.ids(out)
-        if ins and outs:
-            spatial = {tuple(t.shape[-self.n :]) for t in self.keep[-len(ins) - len(outs) :]}
-            if len(spatial) > 1:
-                self.refuse(
-                    f"{_fname(func)} changes the spatial shape ({sorted(spatial)}); only "
-                    "layers with geometry rules may (convolution, pooling, up-sampling, Crop)"
-                )
-            self.nodes.append(_Node(None, ins, outs))
-        return out
-
-    def _check(self, func: Any, args: tuple, kwargs: dict) -> None:
-        if func in _GLOBAL:
-            self.refuse(_GLOBAL[func] + _NORM_HINT)
-        if func is F.batch_norm and (kwargs.get("training") or _arg(args, 5, False)):
-            self.refuse("BatchNorm in training mode normalises with batch statistics (call "
-                        "model.eval())" + _NORM_HINT)  # fmt: skip
-        if func is F.instance_norm and kwargs.get("use_input_stats", _arg(args, 5, True)):
-            self.refuse("InstanceNorm normalises with statistics over the whole image" + _NORM_HINT)
-        if func in _SPATIAL and not (func is F.pad and not any(_arg(args, 1, kwargs.get("pad")))):
+        ins = self.ids((args, kwargs), images_only=True)
+        if not ins:  # weights and constants: not part of the image's dependency graph
+            return out
+        outs = self.ids(out)
+        self.images.update(outs)
+        if not outs:
+            if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+                self.refuse(f"{_fname(func)} turns the image into a tensor of another rank")
+            return out
+        if geometry is not None and geometry.kind == "local":
+            x = args[0] if args else kwargs["input"]
+            self.nodes.append(_Node(geometry.axis_rules(list(x.shape[2:])), ins[:1], outs))
+            return out
+        shapes = self.shapes((args, kwargs), ins)
+        try:
+            expect = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expect = None
+        if expect is None or self.shapes(out, outs) != {expect}:
             self.refuse(
-                f"{_fname(func)} is a spatial operation called inside a forward; use the "
-                "nn.Module form (nn.Conv2d, nn.Upsample, ...) so its geometry is known"
+                f"{_fname(func)} changes the spatial shape ({sorted(shapes)}); only "
+                "operations with geometry rules may (convolution, pooling, interpolation, "
+                "padding)"
             )
-
-
-def _arg(args: tuple, i: int, default: Any) -> Any:
-    return args[i] if len(args) > i else default
+        self.nodes.append(_Node(None, ins, outs))
+        return out
 
 
 def _fname(func: Any) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
+def _leaf_geometry(m: nn.Module, n: int) -> Geometry | None:
+    """The geometry a module is recorded by as one node; None: its calls are recorded."""
+    if layer_entry(m) is None and next(m.children(), None) is not None:
+        return None
+    geometry = _checked(layer_geometry(m, n))
+    return None if geometry.kind == "composite" else geometry
+
+
 def _hooks(model: nn.Module, rec: _Recorder) -> list[Any]:
     handles = []
     for name, m in model.named_modules():
-        rule = _rule_of(m)
 
-        def pre(mod: nn.Module, args: Any, name: str = name, rule: Any = rule) -> None:
+        def pre(mod: nn.Module, args: Any, name: str = name) -> None:
             rec.stack.append(name or "<root>")
-            if rule is not None and not rec.inside:
-                rec.inside += 1
-                mod._hs_rf_entered = True
-            else:
-                mod._hs_rf_entered = False
-
-        def post(mod: nn.Module, args: Any, out: Any, rule: Any = rule, name: str = name) -> None:
-            rec.stack.pop()
-            if not mod._hs_rf_entered:
+            mod._hs_rf_entered = None
+            if rec.inside:
                 return
-            x = args[0]
             try:
-                rules = rule(mod, rec.n, list(x.shape[2:]))
-            except ValueError as e:
-                rec.stack.append(name or "<root>")
+                geometry = _leaf_geometry(mod, rec.n)
+            except Unsupported as e:
                 rec.refuse(str(e))
-            finally:
-                rec.inside -= 1
-            rec.nodes.append(_Node(rules, rec.ids(x), rec.ids(out)))
+            if geometry is not None:
+                rec.inside += 1
+                mod._hs_rf_entered = geometry
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            rec.stack.pop()
+            geometry, mod._hs_rf_entered = mod._hs_rf_entered, None
+            if geometry is None:
+                return
+            rec.inside -= 1
+            x = args[0]
+            rules = geometry.axis_rules(list(x.shape[2:])) if geometry.kind == "local" else None
+            outs = rec.ids(out)
+            rec.images.update(outs)
+            rec.nodes.append(_Node(rules, rec.ids(x), outs))
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     return handles
@@ -235,6 +206,7 @@ def _record(model: nn.Module, shape: Sequence[int], in_channels: int) -> tuple[_
     try:
         with rec:
             rec.keep.append(x)
+            rec.images.add(id(x))
             out = torch.func.functional_call(model, meta, (x,))
     finally:
         for h in handles:

@@ -40,7 +40,7 @@ from haloseg.inference.plan import Plan, plan_image
 from haloseg.inference.predict import predict_tiled
 from haloseg.inference.preprocess import Normalization, image_moments
 from haloseg.inference.whole import predict_whole_image
-from haloseg.models import unet_preset
+from haloseg.models import build_network
 from haloseg.training.checkpoint import load_checkpoint
 from haloseg.training.setup import agree
 from haloseg.training.spec import RunSpec, spec_from_state
@@ -72,8 +72,7 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, RunSpec]:
     if state is None or "model" not in state:
         raise DataError(f"{checkpoint} holds no haloseg checkpoint; give a run folder or a .pt")
     spec = spec_from_state(state, str(checkpoint))
-    args = dict(spec.model)
-    model = unet_preset(args.pop("preset"), **args)
+    model = build_network(spec.model)
     model.load_state_dict(state["model"])
     return model.to(getattr(torch, spec.dtype)).eval(), spec
 
@@ -259,7 +258,7 @@ def save_preview(image: Any, target: Path, output: str, path: str | os.PathLike)
     """A PNG of the image's first channel with the predicted labels over it, subsampled to
     at most 1024 pixels a side (3-D: the middle slice of the first axis)."""
     from haloseg.inference.io import open_image as _open
-    from haloseg.training.report import _atomic_savefig, _pyplot
+    from haloseg.plots import draw_labels, pyplot, save_figure
 
     if output != "labels":
         log.warning("--preview draws label outputs only; skipped")
@@ -271,15 +270,11 @@ def save_preview(image: Any, target: Path, output: str, path: str | os.PathLike)
     lead = (spatial[0] // 2,) if len(spatial) == 3 else ()
     picture = np.asarray(image[(slice(0, 1), *lead, *plane)])[0]
     mask = np.asarray(labels[(slice(0, 1), *lead, *plane)])[0]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 8 * picture.shape[0] / picture.shape[1]))
+    fig, ax = pyplot().subplots(figsize=(8, 8 * picture.shape[0] / picture.shape[1]))
     ax.imshow(picture, cmap="gray")
-    colours = plt.get_cmap("tab10")(mask % 10)
-    colours[..., 3] = np.where(mask > 0, 0.45, 0.0)
-    ax.imshow(colours)
+    draw_labels(ax, mask)
     ax.axis("off")
-    _atomic_savefig(fig, Path(path))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def infer_folder(

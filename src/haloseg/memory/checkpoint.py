@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from haloseg.errors import ConfigError
-from haloseg.parallel.comm import Tape, taping
 from haloseg.parallel.layers import Partitioned
+from haloseg.parallel.tape import Tape, taping
 
 __all__ = ["Checkpointed", "checkpoint_levels", "unet_levels"]
 
@@ -98,19 +98,24 @@ class _LayerClocks:
     def __init__(self, module: nn.Module) -> None:
         self.layers = [m._hs for m in module.modules() if isinstance(m, Partitioned)]
         self.decs = list({id(c.dec): c.dec for c in self.layers}.values())
-        self.saved: tuple[list[Any], list[Any]] = ([], [])
+        self.saved: tuple[list[Any], dict[int, Any]] = ([], {})
 
-    def read(self) -> tuple[list[Any], list[Any]]:
+    def _sites(self) -> list[Any]:
+        calls = [s for d in self.decs for s in getattr(d, "_hs_call_sites", {}).values()]
+        return self.layers + calls
+
+    def read(self) -> tuple[list[Any], dict[int, Any]]:
         return (
             [(d.forward_id, d.forward_key) for d in self.decs],
-            [(c.forward_id, c.calls) for c in self.layers],
+            {id(c): (c.forward_id, c.calls) for c in self._sites()},
         )
 
-    def write(self, state: tuple[list[Any], list[Any]]) -> None:
+    def write(self, state: tuple[list[Any], dict[int, Any]]) -> None:
         for d, (fid, key) in zip(self.decs, state[0], strict=True):
             d.forward_id, d.forward_key = fid, key
-        for c, (fid, calls) in zip(self.layers, state[1], strict=True):
-            c.forward_id, c.calls = fid, calls
+        for c in self._sites():
+            # A functional call site first seen inside the region starts it afresh.
+            c.forward_id, c.calls = state[1].get(id(c), (-1, 0))
 
 
 class _Record:

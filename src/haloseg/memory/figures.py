@@ -11,13 +11,13 @@ from typing import Any
 
 from haloseg.memory.model import StepSpec, step_memory
 from haloseg.memory.planner import plan
+from haloseg.plots import pyplot, save_figure
+from haloseg.units import GIB, format_bytes
 
 __all__ = ["SIZES", "CHANNELS", "draw_figures"]
 
 SIZES = (128, 256, 512, 1024)
 CHANNELS = (8, 16, 32, 64)
-
-_GIB = 2**30
 
 
 def _with_channels(spec: StepSpec, base: int) -> StepSpec:
@@ -36,10 +36,6 @@ _FEATURES = {"plain": ("none", False), "checkpointing": ("none", True),
 
 def draw_figures(spec: StepSpec, device_memory: int, folder: Path) -> list[Path]:
     """Write memory-vs-size.png, memory-vs-channels.png and devices-needed.png."""
-    # The plotting set-up of the run reports (Agg backend, temp file then rename).
-    from haloseg.training.report import _atomic_savefig, _pyplot
-
-    plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     side = SIZES[-1]
     figures = {
@@ -55,11 +51,10 @@ def draw_figures(spec: StepSpec, device_memory: int, folder: Path) -> list[Path]
     }  # fmt: skip
     paths = []
     for name, draw in figures.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = pyplot().subplots(figsize=(6, 4))
         draw(ax)
         paths.append(folder / name)
-        _atomic_savefig(fig, paths[-1])
-        plt.close(fig)
+        save_figure(fig, paths[-1])
     return paths
 
 
@@ -67,11 +62,11 @@ def _memory_lines(ax: Any, xs: tuple[int, ...], spec_at: Callable[[int], StepSpe
                   device_memory: int, xlabel: str, title: str) -> None:  # fmt: skip
     """Peak memory of one device against ``xs``, with and without the memory savers."""
     for label, (swap, ckpt) in _FEATURES.items():
-        gib = [step_memory(replace(spec_at(x), swap=swap, checkpoint=ckpt)).peak / _GIB
+        gib = [step_memory(replace(spec_at(x), swap=swap, checkpoint=ckpt)).peak / GIB
                for x in xs]  # fmt: skip
         ax.plot(xs, gib, marker="o", label=label)
-    ax.axhline(device_memory / _GIB, color="black", linestyle="--", linewidth=1,
-               label=f"{device_memory / 1e9:.0f} GB device")  # fmt: skip
+    ax.axhline(device_memory / GIB, color="black", linestyle="--", linewidth=1,
+               label=f"{format_bytes(device_memory, 'GB', 0)} device")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
@@ -95,6 +90,6 @@ def _devices_bars(ax: Any, spec: StepSpec, device_memory: int) -> None:
         ax.bar(xs, needed, width, label=f"{c} channels")
     ax.set_xticks(range(len(SIZES)), [f"{s}^{spec.spatial_dims}" for s in SIZES])
     ax.set_yscale("log", base=2)
-    ax.set_ylabel(f"devices of {device_memory / 1e9:.0f} GB (spatial grid)")
+    ax.set_ylabel(f"devices of {format_bytes(device_memory, 'GB', 0)} (spatial grid)")
     ax.set_title("devices needed to train one image, no swapping or checkpointing")
     ax.legend(fontsize=8)

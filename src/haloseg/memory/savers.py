@@ -10,6 +10,7 @@ from torch import nn
 
 from haloseg.config import MemoryConfig, RunConfig
 from haloseg.memory.model import StepSpec
+from haloseg.units import parse_bytes
 
 __all__ = ["run_spec", "step_context"]
 
@@ -19,7 +20,6 @@ def step_context(cfg: MemoryConfig, model: nn.Module) -> contextlib.AbstractCont
     swapper of ``model``, or nothing."""
     if cfg.swap == "none":
         return contextlib.nullcontext()
-    from haloseg.inference.budget import parse_bytes
     from haloseg.memory.swap import ActivationSwapper
 
     budget = parse_bytes(cfg.swap_budget) if cfg.swap_budget is not None else None
@@ -32,8 +32,6 @@ def run_spec(
 ) -> StepSpec:
     """The memory model's view of one training step of run ``cfg`` on a (padded) image of
     shape ``image`` with ``model`` (a haloseg UNet)."""
-    from haloseg.inference.budget import parse_bytes
-
     t, m = cfg.train, cfg.memory
     amp = t.amp and cfg.device != "cpu"
     dtype_bytes = 8 if t.dtype == "float64" else (2 if amp else 4)

@@ -8,14 +8,12 @@ starts bringing back the next ``prefetch`` ones on the copy stream too, so that 
 overlap the backward's compute. Without CUDA the same path runs host to host, which is what the
 CPU tests check.
 
-Never swapped: parameters and buffers (and views of them), which stay on the device anyway;
-tensors under ``SWAP_FLOOR`` (64 KiB), whose copy costs more in launches and events than the
-memory it frees; tensor subclasses, sparse tensors and devices other than CPU and CUDA.
+Which tensors are swapped (the policy, and the tensors never swapped: parameters, buffers,
+tensors under ``SWAP_FLOOR``) is :mod:`haloseg.memory.swap_policy`.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import weakref
 from collections.abc import Sequence
@@ -28,16 +26,12 @@ from torch import nn
 
 from haloseg.config import SWAP_POLICIES
 from haloseg.errors import ConfigError
-from haloseg.models.unet import UNet
+from haloseg.memory.swap_policy import SWAP_FLOOR, SwapChoice, check_options
 
 __all__ = ["SWAP_FLOOR", "SWAP_POLICIES", "ActivationSwapper", "SwapStats", "swap_activations"]
 
 log = logging.getLogger(__name__)
 
-
-# Below 64 KiB a device-host copy is dominated by its launch and event (~10 us), and the bytes
-# it frees are noise next to one U-Net activation.
-SWAP_FLOOR = 64 << 10
 # How far back in pack order a prefetch looks for handles still on the host.
 _SCAN_LIMIT = 64
 
@@ -121,23 +115,19 @@ class ActivationSwapper:
         prefetch: int = 2,
         skip_modules: Sequence[str] | None = None,
     ) -> None:
-        _check_options(policy, min_bytes, budget, prefetch, skip_modules)
+        check_options(policy, min_bytes, budget, prefetch, skip_modules)
+        self._choice = SwapChoice(model, policy, min_bytes, budget, skip_modules)
         self.model = model
         self.policy = policy
         self.min_bytes = min_bytes
         self.budget = budget
         self.prefetch = prefetch
-        self.skip_modules = _skip_names(model, policy, skip_modules)
+        self.skip_modules = self._choice.skip_modules
         self.stats = SwapStats()
         self._host_bytes = 0
-        self._in_skip = 0
-        self._protected: set[tuple[str, int]] = set()
         self._cache: dict[_Key, tuple[weakref.ref, weakref.ref]] = {}
-        self._kept: dict[tuple[str, int], int] = {}
-        self._kept_bytes = 0
         self._order: list[weakref.ref[_Handle]] = []
         self._streams: dict[int, torch.cuda.Stream] = {}
-        self._module_hooks: list[Any] = []
         self._hooks: Any = None
 
     @property
@@ -157,11 +147,10 @@ class ActivationSwapper:
         if self.policy == "none":
             self._hooks = False
             return self
-        self._protected = _storages_of(self.model)
         self._order = [r for r in self._order if r() is not None]
         for i, ref in enumerate(self._order):
             ref().index = i  # type: ignore[union-attr]
-        self._add_module_hooks()
+        self._choice.start()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -175,33 +164,13 @@ class ActivationSwapper:
         if self._hooks:
             self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
-        for handle in self._module_hooks:
-            handle.remove()
-        self._module_hooks = []
-        self._in_skip = 0
+        self._choice.stop()
         log.debug("activation swapping (%s): %s", self.policy, self.stats)
-
-    def _add_module_hooks(self) -> None:
-        if self.policy != "skips" or self.model is None:
-            return
-        modules = dict(self.model.named_modules())
-        for name in self.skip_modules:
-            module = modules[name]
-            self._module_hooks.append(module.register_forward_pre_hook(self._enter_skip))
-            self._module_hooks.append(
-                module.register_forward_hook(self._leave_skip, always_call=True)
-            )
-
-    def _enter_skip(self, module: nn.Module, args: Any) -> None:
-        self._in_skip += 1
-
-    def _leave_skip(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._in_skip -= 1
 
     # -- forward: pack -------------------------------------------------------------------
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if not self._eligible(t):
+        if not self._choice.eligible(t):
             return t
         key = _dedup_key(t)
         hit = self._cache.get(key)
@@ -213,50 +182,15 @@ class ActivationSwapper:
                 handle.uses += 1
                 handle.pending += 1
                 return handle
-        if not self._chosen(t):
-            self._keep(t)
+        if not self._choice.chosen(t):
+            self.stats.tensors_kept += 1
+            self._choice.keep(t)
             return t
         handle = self._swap_out(t)
         storage = t.untyped_storage()
         entry = (weakref.ref(storage, lambda ref: self._forget(key, ref)), weakref.ref(handle))
         self._cache[key] = entry
         return handle
-
-    def _eligible(self, t: torch.Tensor) -> bool:
-        """Could ``t`` be swapped at all (never parameters, buffers or tiny tensors)?"""
-        if type(t) is not torch.Tensor or t.layout != torch.strided:
-            return False
-        if t.device.type not in ("cpu", "cuda"):
-            return False
-        if _storage_key(t) in self._protected:
-            return False
-        return t.numel() * t.element_size() >= SWAP_FLOOR
-
-    def _chosen(self, t: torch.Tensor) -> bool:
-        """Does the policy swap this eligible tensor?"""
-        nbytes = t.numel() * t.element_size()
-        if self.policy == "skips":
-            return self._in_skip > 0
-        if self.policy == "min_bytes":
-            return nbytes >= self.min_bytes
-        if self.policy == "budget":
-            # A storage already held on the device frees nothing when swapped.
-            held = _storage_key(t) in self._kept
-            return not held and self._kept_bytes + t.untyped_storage().nbytes() > self.budget
-        return True
-
-    def _keep(self, t: torch.Tensor) -> None:
-        self.stats.tensors_kept += 1
-        key = _storage_key(t)
-        if self.policy != "budget" or key in self._kept:
-            return
-        nbytes = t.untyped_storage().nbytes()
-        self._kept[key] = nbytes
-        self._kept_bytes += nbytes
-        weakref.finalize(t.untyped_storage(), self._release_kept, key)
-
-    def _release_kept(self, key: tuple[str, int]) -> None:
-        self._kept_bytes -= self._kept.pop(key, 0)
 
     def _forget(self, key: _Key, ref: weakref.ref) -> None:
         entry = self._cache.get(key)
@@ -365,10 +299,6 @@ def swap_activations(model: nn.Module, **kwargs: Any) -> ActivationSwapper:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
-
-
 def _dedup_key(t: torch.Tensor) -> _Key:
     return (
         str(t.device),
@@ -379,70 +309,3 @@ def _dedup_key(t: torch.Tensor) -> _Key:
         t.dtype,
         t._version,
     )
-
-
-def _storages_of(model: nn.Module | None) -> set[tuple[str, int]]:
-    if model is None:
-        return set()
-    tensors = [*model.parameters(), *model.buffers()]
-    return {_storage_key(t) for t in tensors if t.untyped_storage().nbytes()}
-
-
-def _check_options(
-    policy: str,
-    min_bytes: int,
-    budget: int | None,
-    prefetch: int,
-    skip_modules: Sequence[str] | None,
-) -> None:
-    if policy not in SWAP_POLICIES:
-        raise ConfigError(
-            f"swap policy {policy!r} is unknown; pick one of {', '.join(SWAP_POLICIES)}"
-        )
-    for name, value in (("min_bytes", min_bytes), ("prefetch", prefetch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name}={value!r} must be an integer >= 0; pass e.g. 2")
-    if policy == "budget" and budget is None:
-        raise ConfigError(
-            "swap policy 'budget' needs budget= (device bytes for saved activations); "
-            "pass e.g. budget=8 * 2**30"
-        )
-    if budget is not None and (policy != "budget" or isinstance(budget, bool) or budget < 0):
-        raise ConfigError(
-            f"budget={budget!r} applies to policy='budget' only and must be >= 0; "
-            f"drop it or set policy='budget' (policy is {policy!r})"
-        )
-    if skip_modules is not None and policy != "skips":
-        raise ConfigError(
-            f"skip_modules applies to policy='skips' only (policy is {policy!r}); "
-            "drop skip_modules or set policy='skips'"
-        )
-
-
-def _skip_names(
-    model: nn.Module | None, policy: str, skip_modules: Sequence[str] | None
-) -> tuple[str, ...]:
-    if policy != "skips":
-        return ()
-    if model is None:
-        raise ConfigError(
-            "swap policy 'skips' needs the model to find the modules feeding the skips; "
-            "pass ActivationSwapper(model, policy='skips')"
-        )
-    if skip_modules is None:
-        if not isinstance(model, UNet):
-            raise ConfigError(
-                f"swap policy 'skips' knows the skip modules of a haloseg UNet only, not of "
-                f"{type(model).__name__}; pass skip_modules=[names of the modules feeding skips]"
-            )
-        depth = model.depth
-        return (*(f"encoder.{i}" for i in range(depth)), *(f"pools.{i}" for i in range(depth)))
-    names = dict(model.named_modules())
-    for name in skip_modules:
-        if name not in names or name == "":
-            close = difflib.get_close_matches(name, [n for n in names if n], n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "see model.named_modules()"
-            raise ConfigError(
-                f"skip_modules names {name!r}, which {type(model).__name__} does not have; {hint}"
-            )
-    return tuple(skip_modules)

@@ -16,19 +16,18 @@ from typing import Any
 import torch
 
 from haloseg.geometry import Box, HaloPlan, intersect, to_local
-from haloseg.parallel.comm import (
-    _amp_backward,
-    _amp_forward,
+from haloseg.parallel.amp import amp_backward, amp_forward, autocast_inputs
+from haloseg.parallel.decomposition import Decomposition
+from haloseg.parallel.halo import (
     add_incoming,
-    autocast_inputs,
     box_slices,
+    memory_format_of,
     save_halos,
     saved_halos,
     start_exchange,
     start_halo_grads,
-    wait_all,
 )
-from haloseg.parallel.decomposition import Decomposition
+from haloseg.parallel.transport import wait_all
 
 __all__ = ["BandedConv", "BandedSpec"]
 
@@ -67,8 +66,11 @@ def _slab(
     window: Box,
     with_block: bool,
 ) -> torch.Tensor:
-    """The input ``window`` of a band: halo cells, block cells (or zeros), zeros outside."""
-    slab = x.new_zeros((*x.shape[:2], *(hi - lo for lo, hi in window)))
+    """The input ``window`` of a band: halo cells, block cells (or zeros), zeros outside;
+    in the block's memory format."""
+    shape = (*x.shape[:2], *(hi - lo for lo, hi in window))
+    fmt = memory_format_of(x)
+    slab = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
     for i, part, dest in _pieces(spec, window):
         piece = spec.plan.recv[i]
         if received[i] is None:
@@ -94,7 +96,7 @@ class BandedConv(torch.autograd.Function):
     convolution whose output blocks are its input blocks."""
 
     @staticmethod
-    @_amp_forward
+    @amp_forward
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         spec: BandedSpec,
@@ -102,6 +104,8 @@ class BandedConv(torch.autograd.Function):
         x, weight, bias = autocast_inputs(x, weight, bias)
         # The block's own convolution needs no halo: it runs while the halo travels.
         received, requests = start_exchange(x, spec.plan, spec.dec.peers, spec.dec.group)
+        # In the layout PyTorch's convolution picks for (x, weight), as the plain layer's
+        # output: channels-last if either is (a one-channel block is both).
         out = _conv(x, weight, bias, spec, spec.padding)
         wait_all(requests)
         origin = spec.plan.local_box
@@ -110,12 +114,12 @@ class BandedConv(torch.autograd.Function):
             out[box_slices(to_local(band, origin))] = _conv(
                 slab, weight, bias, spec, (0,) * len(band)
             )
-        ctx.spec, ctx.has_bias = spec, bias is not None
+        ctx.spec, ctx.has_bias, ctx.memory_format = spec, bias is not None, memory_format_of(out)
         save_halos(ctx, x, weight, received)
         return out
 
     @staticmethod
-    @_amp_backward
+    @amp_backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec = ctx.spec
         x, weight, received = saved_halos(ctx)
@@ -123,13 +127,14 @@ class BandedConv(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-        grad = grad.contiguous()
+        fmt = ctx.memory_format  # the output's: the gradient normally comes in it already
+        grad = grad.contiguous(memory_format=fmt)
         # Bands first: their halo gradients travel while the block's own backward runs.
         grad_pieces = [None if r is None else torch.zeros_like(r) for r in received]
         band_gw = []
         origin = spec.plan.local_box
         for band, window in zip(spec.bands, spec.windows, strict=True):
-            g_band = grad[box_slices(to_local(band, origin))].contiguous()
+            g_band = grad[box_slices(to_local(band, origin))].contiguous(memory_format=fmt)
             halo_only = _slab(x, received, spec, window, with_block=False)
             g_slab, g_w, _ = torch.ops.aten.convolution_backward(
                 g_band, halo_only, weight, None, [1] * n, [0] * n, spec.dilation, False,
@@ -153,6 +158,6 @@ class BandedConv(torch.autograd.Function):
             for g_w in band_gw:
                 gw += g_w
         wait_all(requests)
-        if need_x:
+        if need_x:  # in the layout the convolution's backward picks, as plain PyTorch's
             add_incoming(gx, incoming)
         return gx, gw, gb if ctx.has_bias else None, None

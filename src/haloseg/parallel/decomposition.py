@@ -10,7 +10,9 @@ import torch.distributed as dist
 
 from haloseg.errors import DecompositionError
 from haloseg.geometry import Box, boxes_from_bounds, grid_coords, grid_rank, split_extent
-from haloseg.parallel.comm import box_slices, gather_small, timed
+from haloseg.parallel.halo import box_slices
+from haloseg.parallel.timing import timed
+from haloseg.parallel.transport import gather_small
 
 __all__ = ["Decomposition"]
 
@@ -99,9 +101,34 @@ class Decomposition:
         """This rank's box of an image of spatial ``shape``."""
         return self.boxes(shape)[self.rank]
 
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole tensor ``(N, C, *spatial)`` (present on every rank) -> this rank's block."""
-        box = self.box(x.shape[2:])
+    def scatter(self, x: torch.Tensor, *, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole tensor ``(N, C, *spatial)`` (present on every rank) -> this rank's block.
+
+        Without ``like``, the block is this rank's box of ``x`` by the decomposition's bounds
+        for ``x``'s shape: right for the network's input. ``like`` is this rank's block of a
+        distributed tensor ``x`` is the whole of, e.g. the network's output when its global
+        size differs from the input's (valid padding, size-changing layers): the boundaries
+        then come from every rank's block size (``bounds_of``, one small all-gather that
+        every rank of the group must join), so a target scattered ``like=y_local`` lines up
+        with ``y_local`` cell for cell. Raises ``DecompositionError`` when those blocks do
+        not add up to ``x``'s spatial shape.
+        """
+        if like is None:
+            return x[box_slices(self.box(x.shape[2:]))].contiguous()
+        if like.dim() != x.dim():
+            raise DecompositionError(
+                f"like has shape {tuple(like.shape)} but x has {x.dim() - 2} spatial "
+                f"dimensions (shape {tuple(x.shape)}); give like with the same dimensions"
+            )
+        bounds = self.bounds_of(like.shape[2:])
+        covered = tuple(b[-1] for b in bounds)
+        if covered != tuple(x.shape[2:]):
+            raise DecompositionError(
+                f"the blocks of like (this rank's: {tuple(like.shape[2:])}) cover {covered} "
+                f"but x has spatial shape {tuple(x.shape[2:])}; give the whole tensor whose "
+                "blocks they are (the shape Decomposition.gather(like) returns)"
+            )
+        box = boxes_from_bounds(bounds)[self.rank]
         return x[box_slices(box)].contiguous()
 
     def bounds_of(self, local_shape: Sequence[int]) -> list[list[int]]:

@@ -1,10 +1,13 @@
 """Normalisation with statistics over the whole image: moments and the normalising Function.
 
-Tensors are viewed as ``(B, R, L)`` with one statistic per row ``R`` (BatchNorm: ``(N, C, L)``;
-InstanceNorm: ``(1, N*C, L)``; GroupNorm: ``(1, N*G, L)``), which is the layout PyTorch's
-fused batch-norm kernels take. Per-rank counts, means and centred sums of squares are combined
-across ranks (Chan et al.) in one all-gather, so fp32 keeps the accuracy of a two-pass
-variance; the backward needs one all-reduce of two sums per statistic.
+One statistic per row. The rows are the channels of the block itself (BatchNorm; InstanceNorm
+of one sample), or runs of ``group`` consecutive channels (GroupNorm of one sample): PyTorch's
+fused batch-norm kernels take the block as it is, channels-last included, with statistics per
+channel expanded from the groups. Otherwise the block is viewed as ``(1, R, L)``
+(InstanceNorm: ``R = N*C``; GroupNorm: ``R = N*G``), which copies a channels-last block.
+Per-rank counts, means and centred sums of squares are combined across ranks (Chan et al.) in
+one all-gather, so fp32 keeps the accuracy of a two-pass variance; the backward needs one
+all-reduce of two sums per statistic.
 """
 
 from __future__ import annotations
@@ -14,28 +17,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import (
-    _amp_backward,
-    _amp_forward,
-    gather_small,
-    sum_small,
-    taped,
-    timed,
-)
+from haloseg.parallel.amp import amp_backward, amp_forward
 from haloseg.parallel.decomposition import Decomposition
+from haloseg.parallel.halo import memory_format_of
+from haloseg.parallel.tape import taped
+from haloseg.parallel.timing import timed
+from haloseg.parallel.transport import gather_small, sum_small
 
 __all__ = ["GlobalNormalize", "global_moments"]
 
 
-def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and biased variance per row of ``xv (B, R, L)`` over the whole distributed
-    tensor, and the number of elements each statistic covers."""
+def global_moments(
+    xv: torch.Tensor, dec: Decomposition, group: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and biased variance per row of ``xv (B, R, *L)`` (rows on dim 1, reduced over
+    every other dim; with ``group`` > 1, per run of ``group`` rows) over the whole
+    distributed tensor, and the number of elements each statistic covers."""
     rows = xv.shape[1]
     n_local = xv.numel() // rows if rows else 0
     if n_local:
         mean, var = torch.batch_norm_update_stats(xv.detach(), None, None, 0.0)
     else:
         mean = var = xv.new_zeros(rows)
+    if group > 1:
+        mean, var, n_local = _merge_rows(mean, var, n_local, group)
+        rows //= group
     if dec.size == 1:
         return mean, var, n_local
     local = torch.stack([mean.new_full((rows,), float(n_local)), mean, var * n_local])
@@ -47,6 +53,16 @@ def global_moments(xv: torch.Tensor, dec: Decomposition) -> tuple[torch.Tensor, 
     return mean, m2 / total, int(total[0].item()) if rows else 0
 
 
+def _merge_rows(
+    mean: torch.Tensor, var: torch.Tensor, count: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Moments of runs of ``group`` rows of ``count`` elements each (Chan et al.)."""
+    means = mean.view(-1, group)
+    merged = means.mean(1)
+    m2 = var.view(-1, group).sum(1) + ((means - merged[:, None]) ** 2).sum(1)
+    return merged, m2 / group, count * group
+
+
 def _gather(local: torch.Tensor, dec: Decomposition) -> list[torch.Tensor]:
     with timed("norm", group_wide=True):
         return gather_small(local, dec.rank, dec.peers, dec.group)
@@ -54,11 +70,12 @@ def _gather(local: torch.Tensor, dec: Decomposition) -> list[torch.Tensor]:
 
 class GlobalNormalize(torch.autograd.Function):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias`` per row of ``x.view(view)``, with
-    global ``mean``/``var``. Only ``x`` is saved, as plain PyTorch does; forward and backward
-    run PyTorch's fused batch-norm kernels and add the global correction terms."""
+    global ``mean``/``var``; with ``view=None`` per row of runs of ``group`` channels of ``x``
+    itself, in ``x``'s memory format. Only ``x`` is saved, as plain PyTorch does; forward and
+    backward run PyTorch's fused batch-norm kernels and add the global correction terms."""
 
     @staticmethod
-    @_amp_forward
+    @amp_forward
     def forward(
         ctx: Any,
         x: torch.Tensor,
@@ -67,11 +84,18 @@ class GlobalNormalize(torch.autograd.Function):
         mean: torch.Tensor,
         var: torch.Tensor,
         eps: float,
-        view: tuple[int, ...],
+        view: tuple[int, ...] | None,
         count: int,
         dec: Decomposition,
         per_channel: bool = False,
+        group: int = 1,
     ) -> torch.Tensor:
+        ctx.eps, ctx.view, ctx.count, ctx.dec, ctx.group = eps, view, count, dec, group
+        ctx.has_bias, ctx.per_channel = bias is not None, per_channel
+        if view is None:
+            y = F.batch_norm(x, *_expand(group, mean, var), weight, bias, False, 0.0, eps)
+            ctx.save_for_backward(x, weight, mean, var)
+            return y
         if per_channel:  # GroupNorm: rows are groups, the affine is per channel
             y = F.batch_norm(x.reshape(view), mean, var, None, None, False, 0.0, eps)
             y = y.view(x.shape)
@@ -80,15 +104,16 @@ class GlobalNormalize(torch.autograd.Function):
         else:
             y = F.batch_norm(x.reshape(view), mean, var, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.eps, ctx.view, ctx.count, ctx.dec = eps, view, count, dec
-        ctx.has_bias, ctx.per_channel = bias is not None, per_channel
         # detach: an output that is a view of an intermediate may not be modified in place
-        # (inplace ReLU follows), a detached alias of the same storage may.
-        return y.view(x.shape).detach()
+        # (inplace ReLU follows), a detached alias of the same storage may. A copy gives a
+        # channels-last block its layout back.
+        return y.view(x.shape).contiguous(memory_format=memory_format_of(x)).detach()
 
     @staticmethod
-    @_amp_backward
+    @amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.view is None:
+            return _backward_channels(ctx, g)
         x, weight, mean, var = ctx.saved_tensors
         xv = x.reshape(ctx.view)
         channel_grads = None
@@ -99,29 +124,73 @@ class GlobalNormalize(torch.autograd.Function):
             weight = None
         gv = g.reshape(ctx.view)
         w = weight if weight is not None else mean.new_ones(mean.shape)
-        # Eval-form backward: g * w * invstd, and the local sums of g * xhat and of g.
-        gi, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
-            gv, xv, w, mean, var, None, None, False, ctx.eps, [ctx.needs_input_grad[0], True, True]
-        )
+        g_xhat, g_sum = _local_sums(gv, xv, w, mean, var, ctx.eps)
         gx = None
         if ctx.needs_input_grad[0]:
-            sums = torch.stack([g_sum, g_xhat])
-            if ctx.dec.size > 1:
-                with timed("norm", group_wide=True):
-                    sums = sum_small(sums, ctx.dec.rank, ctx.dec.peers, ctx.dec.group)
-            s1, s2 = sums / ctx.count
-            invstd = torch.rsqrt(var + ctx.eps)
-            # Training-form correction: - w * invstd * (mean(g) + xhat * mean(g * xhat)),
-            # with global means, written as a per-row affine function of x.
-            a = -w * invstd * invstd * s2
-            b = -w * invstd * s1 - a * mean
-            shape = (1, -1, *([1] * (xv.dim() - 2)))
-            gx = gi.addcmul_(xv, a.view(shape)).add_(b.view(shape)).view(x.shape)
+            gx = _input_grad(gv, xv, w, mean, var, w * g_sum, w * g_xhat, ctx, 1)
+            gx = gx.view(x.shape).contiguous(memory_format=memory_format_of(x))
         gw = g_xhat if weight is not None and ctx.needs_input_grad[1] else None
         gb = g_sum if weight is not None and ctx.has_bias and ctx.needs_input_grad[2] else None
         if channel_grads is not None:
             gw, gb = channel_grads
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _expand(group: int, *rows: torch.Tensor) -> list[torch.Tensor]:
+    """Per-row values as per-channel ones (each row covers ``group`` channels)."""
+    return [r if group == 1 else r.repeat_interleave(group) for r in rows]
+
+
+def _backward_channels(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``GlobalNormalize``'s backward on ``x`` itself (``view=None``), in its memory format."""
+    x, weight, mean, var = ctx.saved_tensors
+    mean_c, var_c = _expand(ctx.group, mean, var)
+    w = weight if weight is not None else mean_c.new_ones(mean_c.shape)
+    g_xhat, g_sum = _local_sums(g, x, w, mean_c, var_c, ctx.eps)
+    gx = None
+    if ctx.needs_input_grad[0]:
+        # Per row, the sums of g' = g * w and of g' * xhat (a row's channels' weights differ).
+        s1, s2 = torch.stack([w * g_sum, w * g_xhat]).view(2, -1, ctx.group).sum(2)
+        gx = _input_grad(g, x, w, mean, var, s1, s2, ctx, ctx.group)
+    affine = weight is not None
+    gw = g_xhat if affine and ctx.needs_input_grad[1] else None
+    gb = g_sum if affine and ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _local_sums(
+    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """This rank's sums of ``g * xhat`` and of ``g`` per channel (dim 1), in one pass."""
+    _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return g_xhat, g_sum
+
+
+def _input_grad(
+    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    s1: torch.Tensor, s2: torch.Tensor, ctx: Any, group: int,
+) -> torch.Tensor:  # fmt: skip
+    """The input gradient of training-form normalisation per row (``mean``, ``var``) with a
+    per-channel (dim 1) ``w``: ``w * invstd * g - invstd * (mean(g') + xhat * mean(g' *
+    xhat))`` for ``g' = w * g``, from this rank's per-row sums ``s1`` of g' and ``s2`` of
+    g' * xhat, summed over the ranks here. Rows of ``group`` channels."""
+    sums = torch.stack([s1, s2])
+    if ctx.dec.size > 1:
+        with timed("norm", group_wide=True):
+            sums = sum_small(sums, ctx.dec.rank, ctx.dec.peers, ctx.dec.group)
+    s1, s2 = sums / ctx.count
+    invstd = torch.rsqrt(var + ctx.eps)
+    # The correction is a per-row affine function of x, a * x + b: PyTorch's eval-mode batch
+    # norm computes it in one pass in x's layout (mean 0, variance 1, eps 0: weight a, bias
+    # b), and g * w * invstd is added in place.
+    a = -invstd * invstd * s2
+    b = -invstd * s1 - a * mean
+    a, b, invstd = _expand(group, a, b, invstd)
+    gx = F.batch_norm(x, torch.zeros_like(a), torch.ones_like(a), a, b, False, 0.0, 0.0)
+    return gx.addcmul_(g, _channels(w * invstd, x))
 
 
 def _channels(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from haloseg.parallel.comm import _amp_backward, _amp_forward, taped, timed
+from haloseg.parallel.amp import amp_backward, amp_forward
 from haloseg.parallel.decomposition import Decomposition
+from haloseg.parallel.tape import taped
+from haloseg.parallel.timing import timed
 
 __all__ = ["accuracy", "cross_entropy", "global_max", "global_sum", "soft_dice_loss"]
 
@@ -32,7 +34,7 @@ def _all_reduce(
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
-    @_amp_forward
+    @amp_forward
     def forward(ctx: Any, t: torch.Tensor, dec: Decomposition, replicated: bool) -> torch.Tensor:
         ctx.dec, ctx.replicated = dec, replicated
         out = t.clone()
@@ -42,7 +44,7 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_amp_backward
+    @amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.replicated or ctx.dec.size == 1:
             return g, None, None
@@ -66,7 +68,7 @@ class _GlobalMax(torch.autograd.Function):
     in row-major order of the whole image, as PyTorch's adaptive max pooling does."""
 
     @staticmethod
-    @_amp_forward
+    @amp_forward
     def forward(ctx: Any, x: torch.Tensor, dec: Decomposition) -> torch.Tensor:
         n, c = x.shape[:2]
         flat = x.reshape(n, c, -1)
@@ -93,7 +95,7 @@ class _GlobalMax(torch.autograd.Function):
         return best.view(n, c, *([1] * (x.dim() - 2)))
 
     @staticmethod
-    @_amp_backward
+    @amp_backward
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (local_arg,) = ctx.saved_tensors
         g = g.reshape(local_arg.shape).clone()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from haloseg.plots import draw_labels, pyplot, save_figure
 from haloseg.training.loop import Trainer
 from haloseg.training.samples import Augment
 
@@ -18,25 +18,9 @@ __all__ = ["plot_curve", "preview", "save_overlays"]
 PREVIEW_SIDE = 512
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _atomic_savefig(fig: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
-    os.replace(tmp, path)
-
-
 def plot_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> None:
     """Training loss, validation loss and validation Dice against the step, as a PNG."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_dice) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     steps = [h["step"] for h in history]
     ax_loss.plot(steps, [h["loss"] for h in history], lw=1, label="training loss")
     val = [h for h in history if "val_loss" in h]
@@ -48,8 +32,7 @@ def plot_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> 
     ax_dice.set(xlabel="step", ylabel="validation Dice", ylim=(0, 1))
     ax_dice.legend(loc="lower right")
     fig.tight_layout()
-    _atomic_savefig(fig, Path(path))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _stride(shape: Sequence[int], align: int) -> int:
@@ -91,20 +74,15 @@ def save_overlays(
     path: str | os.PathLike,
 ) -> None:
     """A PNG with one row per image: the image, ground truth over it, prediction over it."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 3, figsize=(9, 3 * len(panels)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = pyplot().subplots(len(panels), 3, figsize=(9, 3 * len(panels)), squeeze=False)
     for row, (image, label, pred) in zip(axes, panels, strict=True):
         for ax, title, mask in zip(row, ("image", "ground truth", "prediction"),
                                    (None, label, pred)):  # fmt: skip
             ax.imshow(image, cmap="gray")
             if mask is not None:
-                colours = cmap(mask % 10)
-                colours[..., 3] = np.where(mask > 0, 0.45, 0.0)
-                ax.imshow(colours)
+                draw_labels(ax, mask)
             ax.set_title(title)
             ax.axis("off")
     fig.suptitle(f"{num_classes - 1} foreground classes; colour = class")
     fig.tight_layout()
-    _atomic_savefig(fig, Path(path))
-    plt.close(fig)
+    save_figure(fig, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from haloseg.config import RunConfig
+from haloseg.config.model import PRESET_OPTIONS
 from haloseg.data.base import Dataset
 from haloseg.errors import DataError
 
@@ -35,7 +36,9 @@ class RunSpec:
     haloseg_version: str
     """The haloseg release that trained the model."""
     model: dict[str, Any]
-    """``unet_preset`` arguments: preset, spatial_dims, in_channels, out_channels, overrides."""
+    """How to build the network (``haloseg.models.build_network``): spatial_dims,
+    in_channels, out_channels, and either a U-Net ``preset`` with its overrides or a class's
+    dotted path ``target`` with the complete ``kwargs`` of its constructor."""
     normalize: str = "zscore"
     """Intensity normalisation per image and channel (``data.normalize``)."""
     channel_names: list[str] = field(default_factory=list)
@@ -96,12 +99,9 @@ def describe_run(cfg: RunConfig, dataset: Dataset) -> RunSpec:
     from haloseg import __version__
 
     spacing, orientation = _geometry(dataset)
-    model = {"preset": cfg.model.preset, "spatial_dims": dataset.spatial_dims,
-             "in_channels": dataset.in_channels, "out_channels": dataset.num_classes,
-             **cfg.model.overrides()}  # fmt: skip
     return RunSpec(
         haloseg_version=__version__,
-        model=model,
+        model=cfg.model.network(dataset.spatial_dims, dataset.in_channels, dataset.num_classes),
         normalize=cfg.data.normalize,
         channel_names=_names(dataset, "channel_names", dataset.in_channels, "channel"),
         num_classes=dataset.num_classes,
@@ -131,7 +131,9 @@ def spec_from_state(state: dict[str, Any], where: str) -> RunSpec:
         return RunSpec.from_dict(state["spec"])
     args = state.get("model_args") or _args_from_weights(state["model"], where)
     cfg = state.get("config", {})
-    model = {k: v for k, v in cfg.get("model", {}).items() if v is not None}
+    # Checkpoints older than specs know haloseg's U-Net presets only.
+    model = {k: v for k, v in cfg.get("model", {}).items()
+             if v is not None and k in ("preset", *PRESET_OPTIONS)}  # fmt: skip
     data = cfg.get("data", {})
     log.warning("%s has no run spec (an older haloseg): rebuilt from its config", where)
     return RunSpec(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from haloseg.config import RunConfig
+from haloseg.plots import pyplot, save_figure
 from haloseg.tune.space import SearchSpec
 
 __all__ = ["METRICS", "Results", "collect_results", "plot_results", "write_csv"]
@@ -102,10 +103,7 @@ def _short(value: Any) -> str:
 
 def plot_results(results: Results, path: Path) -> None:
     """The searched metric against step, one line per trial; the best one thick."""
-    from haloseg.training.report import _atomic_savefig, _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     best = results.best
     for row in results.rows:
         if row["trial"] not in results.curves:
@@ -121,5 +119,4 @@ def plot_results(results: Results, path: Path) -> None:
     if results.curves:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _atomic_savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)

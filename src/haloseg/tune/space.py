@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,11 @@ import yaml
 
 from haloseg.config import RunConfig, load_config
 from haloseg.errors import ConfigError
+from haloseg.tune.overrides import config_keys, trial_overrides
+from haloseg.tune.search_spec import KINDS, Asha, Param, Resources, SearchSpec
 
+# The search's dataclasses live in haloseg.tune.search_spec, config_keys and trial_overrides
+# in haloseg.tune.overrides; importers find them here.
 __all__ = [
     "KINDS",
     "Asha",
@@ -35,86 +36,11 @@ __all__ = [
     "trial_overrides",
 ]
 
-KINDS = ("grid", "choice", "uniform", "loguniform")
-"""How a key varies: every value (grid), one drawn value (choice), a float drawn evenly
-(uniform) or evenly in its logarithm (loguniform) between two ends."""
 _FIXED = ("name", "output_dir", "parallel.grid", "parallel.data")
 """Keys a search cannot vary: the experiment names trial folders, and every trial of one
 experiment runs on the same number of processes."""
 
-
-@dataclass(frozen=True)
-class Param:
-    """One searched config key."""
-
-    key: str
-    """Dotted config key, e.g. ``train.lr``."""
-    kind: str
-    """grid | choice | uniform | loguniform."""
-    values: tuple[Any, ...]
-    """The values (grid, choice) or the two ends (uniform, loguniform)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Asha:
-    """Asynchronous successive halving: trials that trail at a rung stop early."""
-
-    grace_period: int | None = None
-    """Steps every trial runs before it may be stopped (``train.val_every`` if unset)."""
-    reduction_factor: int = 2
-    """1 in this many trials goes on at each rung."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """What each process of a trial holds."""
-
-    cpus: float = 1.0
-    """CPUs per process (also its torch threads, at least 1)."""
-    gpus: float = 0.0
-    """GPUs per process."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchSpec:
-    """A validated search."""
-
-    params: tuple[Param, ...]
-    metric: str = "dice_mean"
-    mode: str = "max"
-    samples: int = 1
-    """Draws of the whole space (each draw runs every grid combination)."""
-    seed: int = 0
-    """Seed of the random draws."""
-    scheduler: str = "asha"
-    """asha | fifo (every trial runs to its last step)."""
-    asha: Asha = field(default_factory=Asha)
-    resources: Resources = field(default_factory=Resources)
-    max_failures: int = 1
-    """Times a crashed trial restarts from its last checkpoint."""
-    max_concurrent: int | None = None
-    """Trials at once (as many as the resources allow if unset)."""
-
-    @property
-    def trials(self) -> int:
-        """Trials in all: every grid combination once per sample."""
-        grid = [p for p in self.params if p.kind == "grid"]
-        return self.samples * math.prod(len(p.values) for p in grid)
-
-
 _TOP = {f.name for f in dataclasses.fields(SearchSpec)} - {"params"} | {"space"}
-
-
-def config_keys() -> list[str]:
-    """Every dotted key a config (and so a search) can set."""
-    keys = []
-    for f in dataclasses.fields(RunConfig):
-        section = f.default_factory
-        if isinstance(section, type) and dataclasses.is_dataclass(section):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
-        else:
-            keys.append(f.name)
-    return keys
 
 
 def _closest(key: str, choices: list[str]) -> str:
@@ -128,25 +54,6 @@ _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _number(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with numpy scalars (which Tune's draws may return) as Python ones."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
-
-
-def trial_overrides(base: dict[str, Any], values: dict[str, Any]) -> list[str]:
-    """``key=value`` overrides that rebuild the config ``base`` (a ``RunConfig.to_dict()``)
-    with ``values`` (dotted keys) replacing its own: what ``load_config`` reads."""
-    items = []
-    for key, value in base.items():
-        if isinstance(value, dict) and key != "regions":
-            items += [f"{key}.{k}={json.dumps(v)}" for k, v in value.items()]
-        else:
-            items.append(f"{key}={json.dumps(value)}")
-    return items + [f"{k}={json.dumps(_plain(v))}" for k, v in values.items()]
 
 
 def _param(key: str, rule: Any, where: str) -> Param:
