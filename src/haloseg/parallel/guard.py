@@ -136,6 +136,9 @@ class _FunctionalGuard(TorchFunctionMode):
         if func is F.pad:
             widths, _, value = pad_args(args, kwargs)
             return pad_blocks(site, x, geometry, widths, value)
+        if func not in (F.interpolate, F.upsample):
+            raise UnsupportedLayerError(f"'{site.path}': {_name(func)} has a geometry but no "
+                                        "partitioned execution")  # fmt: skip
         options = interpolate_args(args, kwargs)
         if options["size"] is not None:
             mode = {"mode": options["mode"], "align_corners": options["align_corners"]}
