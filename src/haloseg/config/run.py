@@ -45,6 +45,7 @@ class RunConfig:
         if self.model.target is not None:
             self.model.check_data(**_known_data(self.data))
             _check_memory_savers(self.model.target, self.memory)
+        _check_pipeline(self.parallel, self.train.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +72,16 @@ def _check_memory_savers(target: str, memory: MemoryConfig) -> None:
         raise ConfigError(
             f"memory.swap=skips knows the skip connections of haloseg's U-Net only, not of "
             f"model.target={target}; use memory.swap=all, min_bytes or budget"
+        )
+
+
+def _check_pipeline(parallel: ParallelConfig, batch_size: int) -> None:
+    """Micro-batches split each replica's batch evenly."""
+    m = parallel.microbatches
+    if m is not None and batch_size % m:
+        raise ConfigError(
+            f"parallel.microbatches={m} does not divide train.batch_size={batch_size}; "
+            f"choose a divisor of {batch_size} or set train.batch_size to a multiple of {m}"
         )
 
 

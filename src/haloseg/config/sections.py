@@ -13,6 +13,8 @@ from haloseg.errors import ConfigError
 __all__ = [
     "DATA_KINDS",
     "MEMORY_FORMATS",
+    "PARALLEL_MODES",
+    "PIPELINE_SCHEDULES",
     "SWAP_POLICIES",
     "SYNTHETIC_CLASSES",
     "DataConfig",
@@ -90,23 +92,63 @@ class DataConfig:
         check_positive("data.seed", self.seed, zero=True)
 
 
+PARALLEL_MODES = ("halo", "tiles")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """How the processes are arranged: ``data`` replicas x a spatial ``grid`` each."""
+    """How the processes are arranged: ``pipeline`` stages x ``data`` replicas x a spatial
+    ``grid`` each."""
 
     grid: list[int] | None = None
     """Spatial process grid, one extent per spatial dim (all ones if unset)."""
     data: int = 1
-    """Data-parallel replicas; data x prod(grid) must equal the number of processes."""
+    """Data-parallel replicas; pipeline x data x prod(grid) must equal the number of
+    processes."""
+    mode: str = "halo"
+    """How the grid splits an image: halo (blocks exchange halos before every layer; exact
+    for every network) | tiles (overlap tiles: each process trains on its tile plus the
+    receptive-field halo with no communication inside the network; exact for networks of
+    local layers, i.e. no normalisation over the image, or BatchNorm frozen)."""
+    pipeline: int = 1
+    """Pipeline stages: the network's blocks split into this many consecutive stages, each
+    on its own processes (GPipe-style model parallelism)."""
+    microbatches: int | None = None
+    """Micro-batches per batch in a pipeline (must divide train.batch_size; one image each
+    if unset)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: gpipe (all forwards, then all backwards) | 1f1b (one forward,
+    one backward; fewer activations held)."""
+    balance: list[int] | None = None
+    """Blocks per pipeline stage (as many entries as stages); measured and balanced
+    automatically if unset (haloseg plan --pipeline N shows the balance)."""
 
     def __post_init__(self) -> None:
         if self.grid is not None and (not self.grid or min(self.grid) < 1):
             raise ConfigError(f"parallel.grid={self.grid} must be positive extents like [2, 2]")
         check_positive("parallel.data", self.data)
+        check_choice("parallel.mode", self.mode, PARALLEL_MODES)
+        check_positive("parallel.pipeline", self.pipeline)
+        check_choice("parallel.schedule", self.schedule, PIPELINE_SCHEDULES)
+        if self.microbatches is not None:
+            check_positive("parallel.microbatches", self.microbatches)
+        if self.balance is not None and (
+            len(self.balance) != self.pipeline or min(self.balance) < 1
+        ):
+            raise ConfigError(
+                f"parallel.balance={self.balance} must give a positive number of blocks for "
+                f"each of the parallel.pipeline={self.pipeline} stages"
+            )
+        if self.pipeline > 1 and self.mode == "tiles":
+            raise ConfigError(
+                f"parallel.pipeline={self.pipeline} runs with parallel.mode=halo only; drop "
+                "parallel.pipeline or set parallel.mode=halo"
+            )
 
     @property
     def size(self) -> int:
-        return self.data * math.prod(self.grid or [1])
+        return self.pipeline * self.data * math.prod(self.grid or [1])
 
 
 @dataclass(kw_only=True)
