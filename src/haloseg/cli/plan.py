@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from haloseg.cli.plan_pipeline import add_pipeline_args, plan_pipeline
 from haloseg.config import RunConfig
 from haloseg.errors import ConfigError
 from haloseg.memory.model import StepSpec
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=12, help="rows of the table")
     p.add_argument("--plot", help="also draw the memory figures into this folder")
     p.add_argument("--json", help="write the rows to this JSON file")
+    add_pipeline_args(p)
     p.set_defaults(run=_plan)
 
 
@@ -66,6 +68,8 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
     rows = plan(spec, budget, max_devices=args.max_devices)
     _table(console, rows[: args.top], budget)
     _verdict(console, spec, rows, budget)
+    if args.pipeline is not None:
+        plan_pipeline(args, console)
     try:
         if args.json:
             _write_json(rows, Path(args.json))
