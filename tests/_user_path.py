@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -25,6 +27,17 @@ def scanner_data(folder: Path, fmt: str, shape: list[int], channels: int, *, ima
     dataset = EllipseDataset(shape, num_images=images, num_classes=classes,
                              in_channels=channels, noise=0.3, seed=seed)  # fmt: skip
     return export_dataset(dataset, folder, fmt, scanner=True)
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """``haloseg ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = int(e.code)
+    return code, out.getvalue(), err.getvalue()
 
 
 def train(config: str, run: Path, *overrides: str) -> Path:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from _user_path import cli
 from haloseg.bench.memory import Calibration, measure
-from haloseg.cli.main import main
 from haloseg.memory.model import step_memory
 from haloseg.memory.planner import HEADROOM, balanced_grid, plan, tiled_redundancy, unet_spec
 
@@ -80,24 +78,14 @@ def test_balanced_grid_and_tiled_redundancy() -> None:
     assert tiled_redundancy((100, 100), (50, 50)) == pytest.approx(4.0)
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as e:
-            code = int(e.code)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_plan_command_prints_the_cheapest_mix_and_draws(tmp_path: Path) -> None:
-    code, out, _ = _cli(
+    code, out, _ = cli(
         "plan", "--image", "512x512x512", "--in-channels", "4", "--channels", "32", "--depth",
         "4", "--device-memory", "80GB", "--dtype", "bf16", "--json", str(tmp_path / "p.json"),
         "--plot", str(tmp_path / "figs"),
     )  # fmt: skip
     assert code == 0
-    assert "cheapest that fits" in out and "tiled alternative" in out
+    assert "cheapest that fits" in out and "overlapping tiles (halo 112x112x112" in out
     rows = json.loads((tmp_path / "p.json").read_text())
     assert rows[0]["fits"] and rows[0]["peak"] <= 80e9
     for name in ("memory-vs-size.png", "memory-vs-channels.png", "devices-needed.png"):
@@ -116,7 +104,7 @@ def test_plan_command_prints_the_cheapest_mix_and_draws(tmp_path: Path) -> None:
     ],
 )
 def test_plan_command_refuses_bad_input(argv: list[str], message: str) -> None:
-    code, _, err = _cli("plan", *argv)
+    code, _, err = cli("plan", *argv)
     assert code == 2
     assert message in err
 
@@ -130,13 +118,13 @@ def test_plan_command_refuses_bad_input(argv: list[str], message: str) -> None:
     ],
 )
 def test_train_plan_refuses_bad_input(overrides: list[str], message: str) -> None:
-    code, _, err = _cli("train", "configs/ellipses-2d.yaml", *overrides, "--plan")
+    code, _, err = cli("train", "configs/ellipses-2d.yaml", *overrides, "--plan")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_plan_prints_the_prediction_and_trains_nothing(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    code, out, _ = _cli(
+    code, out, _ = cli(
         "train", "configs/ellipses-2d.yaml", f"output_dir={run}", "memory.checkpoint=true",
         "memory.device_memory=1GB", "--plan",
     )  # fmt: skip

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import random
 import re
@@ -12,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from haloseg.cli.main import main
+from _user_path import cli
 from haloseg.errors import ConfigError
 from haloseg.models.unet import UNet
 from haloseg.pipeline import Block, SkipSequence, unet_blocks
@@ -168,18 +166,8 @@ def test_measure_blocks_leaves_the_model_as_it_was() -> None:
     assert all(p.grad is None for p in unet.parameters())
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as e:
-            code = int(e.code)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_plan_pipeline_prints_the_balance() -> None:
-    code, out, _ = _cli("plan", "--image", "64x64", "--channels", "4", "--depth", "2",
+    code, out, _ = cli("plan", "--image", "64x64", "--channels", "4", "--depth", "2",
                         "--batch", "4", "--pipeline", "3", "--schedule", "gpipe")  # fmt: skip
     assert code == 0, out
     assert "3 pipeline stages" in out and "bubble" in out
@@ -194,7 +182,27 @@ def test_plan_pipeline_prints_the_balance() -> None:
      (["--pipeline", "2", "--memory-cap", "1KB"], "no split into 2 stages fits")],
 )  # fmt: skip
 def test_plan_pipeline_refuses_bad_input(argv: list[str], message: str) -> None:
-    code, _, err = _cli("plan", "--image", "64x64", "--channels", "4", "--depth", "2",
+    code, _, err = cli("plan", "--image", "64x64", "--channels", "4", "--depth", "2",
                         "--batch", "4", *argv)  # fmt: skip
     assert code == 2
     assert message in " ".join(err.split())
+
+
+def test_train_plan_with_a_pipeline_prints_the_stages(tmp_path) -> None:  # noqa: ANN001
+    code, out, err = cli("train", "configs/ellipses-2d.yaml", f"output_dir={tmp_path}/run",
+                          "parallel.grid=null", "parallel.pipeline=2", "train.batch_size=2",
+                          "parallel.microbatches=2", "data.shape=[64,64]", "--plan")  # fmt: skip
+    assert code == 0, err
+    assert "2 pipeline stages" in out and "balanced split" in out
+    assert not (tmp_path / "run").exists()
+    code, _, err = cli("train", "configs/ellipses-2d.yaml", "parallel.grid=null",
+                        "parallel.pipeline=2", "parallel.balance=[3,3]", "data.shape=[64,64]",
+                        "train.batch_size=2", "--plan")  # fmt: skip
+    assert code == 2 and "parallel.balance=[3, 3] gives 6 blocks" in " ".join(err.split())
+
+
+def test_bench_pipeline_refuses_bad_input() -> None:
+    code, _, err = cli("bench", "pipeline", "--scenario", "9d")
+    assert code == 2 and "scenario '9d' is not one of" in err
+    code, _, err = cli("bench", "pipeline", "--stages", "1")
+    assert code == 2 and "give stage counts >= 2" in " ".join(err.split())

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from haloseg.cli import tune as tune_cli
+from haloseg.cli.plan import size_arg
 from haloseg.errors import ConfigError, HalosegError
 
 __all__ = ["add_parser", "emit", "output_args"]
@@ -127,6 +128,55 @@ def _bench_memory(args: argparse.Namespace, console: Console) -> None:
     emit(args, console, table, markdown(rows), rows)
 
 
+def _bench_pipeline(args: argparse.Namespace, console: Console) -> None:
+    from haloseg.bench.pipeline import SCENARIOS, balance_rows, markdown, run_pipeline_benchmark
+
+    if args.scenario not in SCENARIOS:
+        raise HalosegError(
+            f"scenario {args.scenario!r} is not one of {', '.join(SCENARIOS)}; pick from those"
+        )
+    if min(args.stages) < 2 or min(args.microbatches) < 1 or args.repeats < 1:
+        raise ConfigError(
+            f"--stages {args.stages} --microbatches {args.microbatches} --repeats "
+            f"{args.repeats}: give stage counts >= 2 (one stage is always measured), "
+            "micro-batch counts >= 1 and repeats >= 1"
+        )
+    rows = run_pipeline_benchmark(args.scenario, args.stages, args.microbatches,
+                                  args.schedule, args.steps, args.balance,
+                                  args.repeats)  # fmt: skip
+    balance = balance_rows(args.balance_preset, args.balance_image, args.balance_stages,
+                           max(args.microbatches)) if args.balance_stages else []  # fmt: skip
+    table = Table(title=f"pipeline stages, {args.scenario}: step time (median), one thread "
+                  "per process")  # fmt: skip
+    for col in ("stages", "micro-batches", "schedule", "balance", "blocks", "step s",
+                "÷ one stage", "÷ one stage, equal cores", "stage CPU slowest/mean",
+                "peak MiB per stage"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["stages"]), str(r["microbatches"]), r["schedule"], r["balance_mode"],
+            str(r["blocks"]), f"{r['step_s']:.3f}", f"{r['speedup']:.2f}",
+            f"{r['speedup_equal_cores']:.2f}", f"{r['cpu_slowest_over_mean']:.3f}",
+            " ".join(f"{p:.0f}" for p in r["peak_mib"]),
+        )  # fmt: skip
+    emit(args, console, table, markdown(rows, balance),
+         rows + [{"balancer": b} for b in balance])  # fmt: skip
+    if balance:
+        bt = Table(
+            title=f"balancer, {args.balance_preset} preset at "
+            f"{'x'.join(map(str, args.balance_image))} (block costs measured here)"
+        )
+        for col in ("stages", "balanced", "slowest/mean", "even split", "slowest/mean",
+                    "stage memory MiB"):  # fmt: skip
+            bt.add_column(col, justify="right")
+        for b in balance:
+            bt.add_row(str(b["stages"]), str(b["balanced"]),
+                       f"{b['balanced_slowest_over_mean']:.3f}", str(b["even"]),
+                       f"{b['even_slowest_over_mean']:.3f}",
+                       " ".join(f"{m:.0f}" for m in b["stage_memory_mib"]))  # fmt: skip
+        console.print(bt)
+
+
 def output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the rows and the machine to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -169,4 +219,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       "benchmarks/swap_gpu.py (its --json file)")  # fmt: skip
     output_args(bmem)
     bmem.set_defaults(run=_bench_memory)
+    bpipe = bsub.add_parser("pipeline", help="pipeline stages: speed-up against one stage, "
+                            "and the balancer against an even split")  # fmt: skip
+    bpipe.add_argument("--scenario", default="2d-256", help="2d-256 | 2d-512 | large-2d-128")
+    bpipe.add_argument("--stages", nargs="+", type=int, default=[2, 4])
+    bpipe.add_argument("--microbatches", nargs="+", type=int, default=[4, 8, 16])
+    bpipe.add_argument("--schedule", nargs="+", default=["gpipe", "1f1b"],
+                       choices=["gpipe", "1f1b"])  # fmt: skip
+    bpipe.add_argument(
+        "--balance",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "even"],
+        help="measured balance, or an even split of the blocks",
+    )
+    bpipe.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    bpipe.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every configuration, interleaved (medians over them)",
+    )
+    bpipe.add_argument("--balance-preset", default="large", choices=["small", "medium", "large"])
+    bpipe.add_argument("--balance-image", type=size_arg, default=(512, 512))
+    bpipe.add_argument(
+        "--balance-stages",
+        nargs="*",
+        type=int,
+        default=[2, 4, 6],
+        help="stage counts of the balancer table (none: skip it)",
+    )
+    output_args(bpipe)
+    bpipe.set_defaults(run=_bench_pipeline)
     tune_cli.add_bench_parser(bsub)
+    from haloseg.cli.bench_tiles import add_tiles_parser
+
+    add_tiles_parser(bsub)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from haloseg.cli.plan_pipeline import add_pipeline_args, plan_pipeline
+from haloseg.cli.plan_pipeline import add_pipeline_args, plan_pipeline, plan_run_stages
+from haloseg.cli.plan_tiling import add_tiling_args, plan_tiling, tiles_run_spec
 from haloseg.config import RunConfig
 from haloseg.errors import ConfigError
 from haloseg.memory.model import StepSpec
-from haloseg.memory.planner import DTYPES, HEADROOM, PlanRow, plan, tiled_redundancy, unet_spec
+from haloseg.memory.planner import DTYPES, HEADROOM, PlanRow, plan, unet_spec
 from haloseg.units import GIB, MIB, format_bytes, parse_bytes
 
 __all__ = ["add_parser", "plan_run", "print_prediction", "size_arg"]
@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", help="also draw the memory figures into this folder")
     p.add_argument("--json", help="write the rows to this JSON file")
     add_pipeline_args(p)
+    add_tiling_args(p)
     p.set_defaults(run=_plan)
 
 
@@ -67,7 +68,8 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
     )  # fmt: skip
     rows = plan(spec, budget, max_devices=args.max_devices)
     _table(console, rows[: args.top], budget)
-    _verdict(console, spec, rows, budget)
+    _verdict(console, rows, budget)
+    plan_tiling(args, console, spec, budget)
     if args.pipeline is not None:
         plan_pipeline(args, console)
     try:
@@ -104,7 +106,7 @@ def _table(console: Console, rows: list[PlanRow], budget: int) -> None:
     console.print(table)
 
 
-def _verdict(console: Console, spec: StepSpec, rows: list[PlanRow], budget: int) -> None:
+def _verdict(console: Console, rows: list[PlanRow], budget: int) -> None:
     best = rows[0]
     if not best.fits:
         console.print(
@@ -117,30 +119,6 @@ def _verdict(console: Console, spec: StepSpec, rows: list[PlanRow], budget: int)
         f"device(s), {format_bytes(best.memory.peak, digits=2)} each, about "
         f"{best.mix.slowdown:.2f}x the plain step time"
     )
-    halo = _halo(spec)
-    core = replace(spec, grid=best.mix.grid).block
-    redundancy = tiled_redundancy(core, (halo,) * len(core))
-    console.print(
-        f"the tiled alternative (overlapping tiles of core {'x'.join(map(str, core))}, halo "
-        f"{halo} per side, no exchange) would compute {redundancy:.2f}x the voxels of the "
-        "whole image"
-    )
-
-
-def _halo(spec: StepSpec) -> int:
-    """The receptive-field halo of this U-Net (6 * 2**depth for two 3x3 convs per level)."""
-    import torch
-
-    from haloseg.inference.receptive import receptive_field
-    from haloseg.models import UNet
-
-    with torch.device("meta"):
-        model = UNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels,
-                     out_channels=spec.classes, depth=spec.depth,
-                     base_channels=spec.channels[0], convs_per_level=spec.convs_per_level,
-                     norm="batch" if spec.norm == "batch" else "none",
-                     upsampling=spec.upsampling).eval()  # fmt: skip
-    return max(receptive_field(model, spatial_dims=spec.spatial_dims).halo)
 
 
 def _write_json(rows: list[PlanRow], path: Path) -> None:
@@ -197,6 +175,22 @@ def plan_run(cfg: RunConfig, console: Console) -> None:
         )
     image = padded_shape(shape, model.downsampling_factor, grid) if cfg.data.pad else shape
     spec = run_spec(cfg, image, train_set.in_channels, train_set.num_classes, model)
+    if cfg.parallel.mode == "tiles":
+        spec = tiles_run_spec(cfg, spec, model, console)
+    if cfg.parallel.pipeline > 1:
+        with torch.device("cpu"):
+            model = unet_preset(
+                cfg.model.preset, spatial_dims=train_set.spatial_dims,
+                in_channels=train_set.in_channels, out_channels=train_set.num_classes,
+                **cfg.model.overrides(),
+            )  # fmt: skip
+        console.print(
+            f"run {cfg.name!r}: largest image {'x'.join(map(str, image))}, block "
+            f"{'x'.join(map(str, spec.block))} on a {'x'.join(map(str, grid))} grid in each of "
+            f"{cfg.parallel.pipeline} pipeline stages x {cfg.parallel.data} data replicas"
+        )
+        plan_run_stages(cfg, model, tuple(spec.block), train_set.in_channels, console)
+        return
     budget = parse_bytes(cfg.memory.device_memory) if cfg.memory.device_memory else None
     console.print(
         f"run {cfg.name!r}: largest image {'x'.join(map(str, image))}, block "

@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from haloseg.config import RunConfig
 from haloseg.errors import ConfigError
 from haloseg.pipeline.balance import (
     StagePlan,
@@ -20,7 +21,7 @@ from haloseg.pipeline.balance import (
 )
 from haloseg.units import format_bytes, parse_bytes
 
-__all__ = ["add_pipeline_args", "plan_pipeline"]
+__all__ = ["add_pipeline_args", "plan_pipeline", "plan_run_stages"]
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -86,8 +87,40 @@ def plan_pipeline(args: argparse.Namespace, console: Console) -> tuple[StagePlan
     return balanced, even
 
 
-def _stage_table(console: Console, plan: StagePlan, cap: int) -> None:
-    table = Table(title=f"{len(plan.sizes)} pipeline stages (memory cap {format_bytes(cap)})")
+def plan_run_stages(
+    cfg: RunConfig, model: torch.nn.Module, block: tuple[int, ...], in_channels: int,
+    console: Console,
+) -> None:  # fmt: skip
+    """``haloseg train CONFIG --plan`` with ``parallel.pipeline``: the stages' balance (the
+    configured one, or measured here as the run would) and memory on one rank's block."""
+    from haloseg.pipeline import unet_blocks
+
+    p, t = cfg.parallel, cfg.train
+    m = p.microbatches or t.batch_size
+    seq = unet_blocks(model)
+    example = torch.empty(t.batch_size // m, in_channels, *block)
+    costs = measure_blocks(seq, example, align=model.downsampling_factor)
+    cap = parse_bytes(cfg.memory.device_memory) if cfg.memory.device_memory else None
+    kw = {"microbatches": m, "schedule": p.schedule}
+    sizes = p.balance or partition(costs, p.pipeline, memory_cap=cap, **kw)
+    if sum(sizes) != len(seq):
+        raise ConfigError(
+            f"parallel.balance={list(sizes)} gives {sum(sizes)} blocks but the network has "
+            f"{len(seq)}; give blocks per stage adding up to {len(seq)}"
+        )
+    plan = plan_stages(costs, sizes, **kw)
+    _stage_table(console, plan, cap)
+    console.print(
+        f"{'given' if p.balance else 'balanced'} split {list(plan.sizes)}: slowest stage "
+        f"{plan.slowest_over_mean:.3f}x the mean, bubble {plan.bubble:.1%}, predicted "
+        f"{plan.speedup:.2f}x one stage over {m} micro-batches ({p.schedule}); memory per "
+        "stage counts saved activations, received tuples and weights with AdamW's state"
+    )
+
+
+def _stage_table(console: Console, plan: StagePlan, cap: int | None) -> None:
+    limit = f" (memory cap {format_bytes(cap)})" if cap is not None else ""
+    table = Table(title=f"{len(plan.sizes)} pipeline stages{limit}")
     for col in ("stage", "blocks", "first", "last", "time share", "memory"):
         table.add_column(col, justify="right")
     total = sum(plan.seconds)

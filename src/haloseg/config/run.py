@@ -46,6 +46,8 @@ class RunConfig:
             self.model.check_data(**_known_data(self.data))
             _check_memory_savers(self.model.target, self.memory)
         _check_pipeline(self.parallel, self.train.batch_size)
+        if self.parallel.pipeline > 1:
+            _check_stages(self.parallel.pipeline, self.model.target, self.memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +85,49 @@ def _check_pipeline(parallel: ParallelConfig, batch_size: int) -> None:
             f"parallel.microbatches={m} does not divide train.batch_size={batch_size}; "
             f"choose a divisor of {batch_size} or set train.batch_size to a multiple of {m}"
         )
+    stages = parallel.pipeline
+    if m is not None and stages == 1:
+        raise ConfigError(
+            f"parallel.microbatches={m} splits the batches of a pipeline, but "
+            "parallel.pipeline=1; set parallel.pipeline to the stages, or drop "
+            "parallel.microbatches (train.accumulate adds up the gradients of smaller batches)"
+        )
+    micro = m if m is not None else batch_size
+    if stages > 1 and parallel.schedule == "1f1b" and micro < stages:
+        given = (f"parallel.microbatches={m}" if m is not None
+                 else f"train.batch_size={batch_size} (one image per micro-batch)")  # fmt: skip
+        raise ConfigError(
+            f"parallel.schedule=1f1b needs at least as many micro-batches as the "
+            f"parallel.pipeline={stages} stages, but {given} gives {micro}; set "
+            f"parallel.microbatches (and train.batch_size) to at least {stages} or use "
+            "parallel.schedule=gpipe"
+        )
+
+
+def _check_stages(stages: int, target: str | None, memory: MemoryConfig) -> None:
+    """What a pipeline can cut into stages and run within its schedule."""
+    if memory.checkpoint:
+        raise ConfigError(
+            f"memory.checkpoint=true recomputes whole U-Net levels, which parallel.pipeline="
+            f"{stages} cuts across stages; drop memory.checkpoint or parallel.pipeline"
+        )
+    if memory.swap != "none":
+        raise ConfigError(
+            f"memory.swap={memory.swap} does not run inside a pipeline's schedule, whose "
+            f"micro-batches interleave forwards and backwards; drop memory.swap or "
+            f"parallel.pipeline={stages}"
+        )
+    if target is not None:
+        from haloseg.models.target import resolve_target
+        from haloseg.pipeline.blocks import SkipSequence
+
+        cls = resolve_target(target)
+        if not (isinstance(cls, type) and issubclass(cls, SkipSequence)):
+            raise ConfigError(
+                f"model.target={target} is not a haloseg.pipeline.SkipSequence, so "
+                f"parallel.pipeline={stages} cannot cut it into stages; use a model.preset "
+                "(haloseg's U-Net) or write the network as a SkipSequence of Blocks"
+            )
 
 
 GRID = (2, 2)

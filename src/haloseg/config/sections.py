@@ -188,6 +188,10 @@ class TrainConfig:
     """Log training loss to TensorBoard every this many steps."""
     seed: int = 0
     """Seeds weights, sample order and augmentation."""
+    freeze_norm: bool = False
+    """Keep BatchNorm in eval mode while training: it normalises with its running statistics
+    (frozen, e.g. pre-trained) and only its affine weights train; makes a BatchNorm network
+    local, as parallel.mode=tiles needs."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "accumulate", "val_every", "checkpoint_every"):

@@ -11,6 +11,8 @@ is refused at conversion, naming the module's path, before any message is sent.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,7 +27,12 @@ from haloseg.parallel.guard import guarded, post_hook, pre_hook
 from haloseg.parallel.layers import EXECUTIONS, Partitioned
 from haloseg.parallel.site import Site
 
-__all__ = ["downsampling_factor", "spatial_parallel", "supported_layers"]
+__all__ = [
+    "downsampling_factor",
+    "partitioned_forward",
+    "spatial_parallel",
+    "supported_layers",
+]
 
 
 def supported_layers() -> list[str]:
@@ -44,22 +51,41 @@ def _swap_class(module: nn.Module, mixin: type) -> None:
     module.__class__ = _CLASSES[(cls, mixin)]
 
 
+@contextmanager
+def partitioned_forward(
+    dec: Decomposition, x: torch.Tensor, *more: torch.Tensor, image: bool = True
+) -> Iterator[None]:
+    """One root forward on ``dec``'s blocks of ``x`` and of ``more`` tensors, blocks of the
+    same image (a pipeline stage's running activation and the skips it carries).
+
+    Layers cache their exchange plans under the global boundaries of all of them, and the
+    functional guard treats each as a block of the image. ``image`` says ``x`` is the image
+    itself, whose sizes and boundaries must be multiples of the network's down-sampling
+    factor (a tensor deeper in the network need not be).
+    """
+    bounds = dec.bounds_of(x.shape[2:])
+    if image:
+        check_alignment(bounds, dec)
+    key = tuple(tuple(b) for b in bounds)
+    if more:  # the skips' layouts need not follow from x's (valid padding rounds sizes)
+        key += tuple(tuple(tuple(b) for b in dec.bounds_of(t.shape[2:])) for t in more)
+    dec.forward_id += 1
+    dec.forward_key = key
+    try:
+        with guarded(dec, (x, *more)):
+            yield
+    finally:
+        dec.forward_key = None
+
+
 class SpatialParallelRoot:
     """Mixin of the converted model's root: checks the image, caches plans, guards calls."""
 
     _hs_dec: Decomposition
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        dec = self._hs_dec
-        bounds = dec.bounds_of(x.shape[2:])
-        check_alignment(bounds, dec)
-        dec.forward_id += 1
-        dec.forward_key = tuple(tuple(b) for b in bounds)
-        try:
-            with guarded(dec, x):
-                return super().forward(x, *args, **kwargs)
-        finally:
-            dec.forward_key = None
+        with partitioned_forward(self._hs_dec, x):
+            return super().forward(x, *args, **kwargs)
 
 
 def _execution(name: str, m: nn.Module, spatial_dims: int) -> type[Partitioned] | None:

@@ -45,7 +45,8 @@ _mean_over_data.__annotations__.update(
 
 
 def data_parallel(model: nn.Module, mesh: DeviceMesh, **ddp_kwargs: Any) -> nn.Module:
-    """Wrap a model converted with ``spatial_parallel(..., sync_gradients=False)`` in DDP.
+    """Wrap a model converted with ``spatial_parallel(..., sync_gradients=False)`` in DDP,
+    or a plain one whose ranks each run it on an overlapping tile of the image.
 
     Gradients end up summed over the ``space`` axis and averaged over the ``data`` axis, so
     one optimizer step equals the single-process step on the whole batch. BatchNorm takes

@@ -210,8 +210,9 @@ def post_hook(partitioned: bool) -> Any:
 
 
 @contextmanager
-def guarded(dec: Decomposition, x: torch.Tensor) -> Iterator[None]:
-    """Guard the functional calls of a root forward of ``x`` on ``dec``'s blocks."""
+def guarded(dec: Decomposition, x: torch.Tensor | tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """Guard the functional calls of a root forward of ``x`` (a tensor or a tuple of them,
+    blocks of one image) on ``dec``'s blocks."""
     outer = (getattr(_STATE, "stack", None), getattr(_STATE, "inside", 0),
              getattr(_STATE, "images", None))  # fmt: skip
     _STATE.stack, _STATE.inside, _STATE.images = [], 0, _Images()

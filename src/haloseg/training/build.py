@@ -61,6 +61,10 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, layout, train_set, val_set, model, weights, optimizer, scheduler,
                       folder, dtype, swapper=step_context(cfg.memory, weights),
                       spec=describe_run(cfg, train_set), memory_format=fmt)  # fmt: skip
+    if layout.pipeline is not None:
+        from haloseg.pipeline.train import PipelineTraining
+
+        trainer.pipeline = PipelineTraining(trainer)
     # Every check before the run folder is touched: a refused run leaves nothing behind.
     # Image sizes against the grid now, not in the middle of the run.
     for dataset in (train_set, val_set):

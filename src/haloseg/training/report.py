@@ -55,10 +55,10 @@ def preview(trainer: Trainer, index: int) -> tuple[np.ndarray, np.ndarray, np.nd
     model.eval()
     identity = Augment.identity(dataset.spatial_dims)
     batch = trainer.batch(dataset, [(index, identity)])
-    pred = model(batch.image).argmax(1, keepdim=True)
+    pred = batch.crop(model(batch.image)).argmax(1, keepdim=True)
     s = _stride(trainer.padded(dataset.info(index).shape), dec.align)
     sub = (slice(None), slice(None), *[slice(None, None, s)] * dataset.spatial_dims)
-    stack = torch.cat([batch.image[:, :1].double(), batch.label[:, None].double(),
+    stack = torch.cat([batch.crop(batch.image[:, :1]).double(), batch.label[:, None].double(),
                        pred.double(), batch.valid[:, None].double()], 1)  # fmt: skip
     whole = dec.gather(stack[sub].contiguous())[0].cpu().numpy()
     if dataset.spatial_dims == 3:

@@ -85,11 +85,18 @@ def padded_shape(shape: Sequence[int], align: int, grid: Sequence[int]) -> tuple
 @dataclass
 class Block:
     """This rank's block of one sample: ``image (C, *block)``, ``label (*block)``, and
-    ``valid (*block)`` marking voxels of the image (not padding)."""
+    ``valid (*block)`` marking voxels of the image (not padding). In tiles mode ``image``
+    is the tile ``(C, *tile)`` around the block, and ``core`` says where the block sits in it."""
 
     image: torch.Tensor
     label: torch.Tensor
     valid: torch.Tensor
+    core: tuple[slice, ...] | None = None
+    """The block's slices of the spatial dims of ``image`` (None: ``image`` is the block)."""
+
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        """``t (N, C, *image)`` (the network's output on ``image``) cut to the block."""
+        return t if self.core is None else t[(slice(None), slice(None), *self.core)]
 
 
 def _read_augmented(

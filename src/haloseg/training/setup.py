@@ -24,11 +24,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from haloseg.config import SYNTHETIC_CLASSES, DataConfig, RunConfig, check_ignore_label
 from haloseg.data.base import Dataset, SampleInfo
-from haloseg.errors import ConfigError, DataError, DecompositionError, HalosegError
+from haloseg.errors import ConfigError, DataError, HalosegError
 from haloseg.memory.checkpoint import checkpoint_levels
 from haloseg.models import build_network
 from haloseg.parallel import Decomposition, spatial_parallel
 from haloseg.parallel.data import data_parallel, data_space_mesh, space_decomposition
+from haloseg.pipeline.mesh import PipelineLayout, check_processes, pipeline_layout
+from haloseg.training.freeze import freeze_batch_norm
+from haloseg.training.tiles import build_tile_model
 
 __all__ = [
     "Layout",
@@ -46,7 +49,7 @@ T = TypeVar("T")
 
 @dataclass
 class Layout:
-    """Where this process sits: ``data`` replicas x a spatial ``grid`` each."""
+    """Where this process sits: pipeline stages x ``data`` replicas x a spatial ``grid``."""
 
     device: torch.device
     dec: Decomposition
@@ -54,6 +57,10 @@ class Layout:
     data_size: int
     mesh: DeviceMesh | None
     world: int
+    halo: tuple[int, ...] | None = None
+    """Tiles mode: voxels per side each process reads around its block (None: halo mode)."""
+    pipeline: PipelineLayout | None = None
+    """Pipeline stages (``parallel.pipeline`` > 1): this rank's stage and its groups."""
 
     @property
     def is_main(self) -> bool:
@@ -125,7 +132,8 @@ def _join_torchrun(device: torch.device) -> None:
 
 
 def init_layout(cfg: RunConfig, spatial_dims: int) -> Layout:
-    """Join the process group torchrun set up (if any) and arrange it as data x space."""
+    """Join the process group torchrun set up (if any) and arrange it as pipeline stages x
+    data x space."""
     device = _device(cfg.device)
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _join_torchrun(device)
@@ -136,13 +144,12 @@ def init_layout(cfg: RunConfig, spatial_dims: int) -> Layout:
             f"parallel.grid={grid} has {len(grid)} extents but the images are {spatial_dims}-D; "
             f"give one extent per spatial dimension"
         )
-    data = cfg.parallel.data
-    if data * math.prod(grid) != world:
-        raise DecompositionError(
-            f"parallel.data={data} x grid {grid} = {data * math.prod(grid)} processes, but "
-            f"{world} were launched; launch with --nproc-per-node={data * math.prod(grid)} "
-            f"or change parallel.grid / parallel.data"
-        )
+    data, stages = cfg.parallel.data, cfg.parallel.pipeline
+    check_processes(stages, data, grid, world)
+    if stages > 1:
+        place = pipeline_layout(stages, data=data, grid=grid, device_type=device.type)
+        return Layout(device, place.dec, place.data_rank, data, place.mesh, world,
+                      pipeline=place)  # fmt: skip
     if data > 1:
         mesh = data_space_mesh(data, grid, device.type)
         return Layout(device, space_decomposition(mesh, grid), mesh.get_local_rank("data"),
@@ -239,6 +246,12 @@ def build_model(
     torch.manual_seed(cfg.train.seed)
     entry = cfg.model.network(dataset.spatial_dims, dataset.in_channels, dataset.num_classes)
     model = build_network(entry).to(device=layout.device, dtype=dtype, memory_format=fmt)
+    if cfg.train.freeze_norm:
+        freeze_batch_norm(model)
+    if cfg.parallel.mode == "tiles":
+        return build_tile_model(cfg, model, layout)
+    if layout.pipeline is not None:  # converted and cut into stages by haloseg.pipeline
+        return model, model
     spatial_parallel(model, layout.dec, sync_gradients=layout.mesh is None)
     if cfg.memory.checkpoint:
         checkpoint_levels(model)

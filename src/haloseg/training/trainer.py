@@ -13,7 +13,7 @@ import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from haloseg.training.resume import restore_trainer, trainer_state
 from haloseg.training.samples import Augment, Block, draw_augment, padded_shape, read_block
 from haloseg.training.setup import Layout, agree
 from haloseg.training.spec import RunSpec
+from haloseg.training.tiles import read_tile_block
+
+if TYPE_CHECKING:
+    from haloseg.pipeline.train import PipelineTraining
 
 __all__ = ["Trainer"]
 
@@ -61,6 +65,8 @@ class Trainer:
     """What inference needs to rebuild the model and its preprocessing (saved with it)."""
     memory_format: torch.memory_format = torch.contiguous_format
     """Layout of the weights and of the image batches (``train.memory_format``)."""
+    pipeline: PipelineTraining | None = None
+    """The network cut into pipeline stages (``parallel.pipeline`` > 1), or None."""
 
     # -- data ------------------------------------------------------------------------------
     def padded(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -79,7 +85,10 @@ class Trainer:
             )
         (padded,) = shapes
         data, dec = self.cfg.data, self.layout.dec
-        read = functools.partial(read_block, dataset, dec=dec, padded=padded,
+        # Tiles mode: each rank reads its block with the halo around it.
+        reader = (read_block if self.layout.halo is None
+                  else functools.partial(read_tile_block, halo=self.layout.halo))  # fmt: skip
+        read = functools.partial(reader, dataset, dec=dec, padded=padded,
                                  normalize=data.normalize, dtype=self.dtype,
                                  ignore_label=data.ignore_label)  # fmt: skip
         blocks = [read(i, aug=a) for i, a in items]
@@ -88,6 +97,7 @@ class Trainer:
             torch.stack([b.image for b in blocks]).to(dev, memory_format=self.memory_format),
             torch.stack([b.label for b in blocks]).to(dev),
             torch.stack([b.valid for b in blocks]).to(dev),
+            blocks[0].core,
         )
 
     def _draw(self, micro: int) -> list[tuple[int, Augment]]:
@@ -122,6 +132,8 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over ``accumulate`` micro-steps; the loss of the whole batch."""
+        if self.pipeline is not None:
+            return self.pipeline.train_step(self)
         t = self.cfg.train
         self.model.train()
         total = 0.0
@@ -132,7 +144,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.swapper:
                     with self._autocast():
-                        loss = self._loss(self.model(batch.image), batch) / t.accumulate
+                        logits = batch.crop(self.model(batch.image))
+                        loss = self._loss(logits, batch) / t.accumulate
                     loss.backward()
             total += loss.item()
         self.optimizer.step()
@@ -151,6 +164,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Loss and Dice over the validation images (each replica takes its share)."""
+        if self.pipeline is not None:
+            return self.pipeline.validate(self)
         self.model.eval()
         tracker = DiceTracker(self.val_set.num_classes, self.cfg.data.regions)
         identity = Augment.identity(self.val_set.spatial_dims)
@@ -161,7 +176,7 @@ class Trainer:
             batch = agree(lambda i=index: self.batch(self.val_set, [(i, identity)]),
                           self.layout.dec.group)  # fmt: skip
             with self._autocast():
-                logits = self.model(batch.image)
+                logits = batch.crop(self.model(batch.image))
             loss_sum += torch.tensor([self._loss(logits, batch).item(), 1.0])
             tracker.update(logits.argmax(1), batch.label, batch.valid, self.layout.dec)
         reduce = self.layout.data_size > 1
@@ -178,6 +193,8 @@ class Trainer:
 
     def save(self) -> None:
         """Write a checkpoint of this step (rank 0; every rank holds the same state)."""
+        if self.pipeline is not None:  # every rank gathers the stages' weights first
+            self.pipeline.sync(self)
         if self.layout.is_main:
             save_checkpoint(self.folder / "checkpoints", self.state(), self.step)
 
