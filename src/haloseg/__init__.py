@@ -11,6 +11,7 @@ from haloseg.errors import (
 from haloseg.evaluation import evaluate, evaluate_case
 from haloseg.geometry import register_layer
 from haloseg.inference import ReceptiveField, predict_tiled, receptive_field
+from haloseg.layerwise import run_layerwise
 from haloseg.memory import ActivationSwapper, checkpoint_levels, plan, step_memory
 from haloseg.models import UNet, unet_preset
 from haloseg.parallel import (
@@ -47,6 +48,7 @@ __all__ = [
     "predict_tiled",
     "receptive_field",
     "register_layer",
+    "run_layerwise",
     "soft_dice_loss",
     "spatial_parallel",
     "step_memory",

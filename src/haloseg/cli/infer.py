@@ -27,7 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inf.add_argument("--grid", type=int, nargs="+", help="split the image over this grid of "
                      "processes (torchrun) and run one whole-image forward pass")  # fmt: skip
     inf.add_argument("--tile", type=int, nargs="+", help="tile core size (one or per axis)")
-    inf.add_argument("--max-memory", help="choose the tile from a budget, e.g. 2GB")
+    inf.add_argument("--max-memory", help="choose the tile from a budget, e.g. 2GB (with "
+                     "--executor layerwise: the block, from the device's budget)")  # fmt: skip
+    inf.add_argument("--executor", default="auto", choices=["auto", "layerwise"],
+                     help="auto: tiles, or one whole-image forward for networks with global "
+                     "statistics; layerwise: one whole-image forward in this process, layer "
+                     "by layer over blocks")  # fmt: skip
+    inf.add_argument("--block", type=int, nargs="+", help="block of --executor layerwise "
+                     "(one size or per axis; default: from --max-memory)")  # fmt: skip
+    inf.add_argument("--store", default="memory", help="where --executor layerwise keeps "
+                     "every layer's output: memory (host) or a folder (zarr on disk)")  # fmt: skip
     inf.add_argument("--output-type", default="labels",
                      choices=["labels", "probabilities", "logits"])  # fmt: skip
     inf.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
@@ -51,6 +60,7 @@ def _infer(args: argparse.Namespace, console: Console) -> None:
         options = dict(
             tile=args.tile, max_memory=budget, output=args.output_type,
             batch_size=args.batch_size, device=args.device, grid=args.grid,
+            executor=args.executor, block=args.block, store=args.store,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
         if many:
@@ -79,5 +89,8 @@ def _describe_inference(r: dict) -> str:
     if r["mode"] == "tiles":
         tile = "x".join(map(str, r["tile"]))
         return f"{shape}, tiles of {tile} + halo {r['halo'][0]} per side{norm}"
+    if r["mode"] == "layerwise":
+        block = "x".join(map(str, r["block"]))
+        return f"{shape}, whole-image forward layer by layer over blocks of {block}{norm}"
     grid = "x".join(map(str, r["grid"]))
     return f"{shape}, whole-image forward over a {grid} grid of processes{norm}"

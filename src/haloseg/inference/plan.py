@@ -1,6 +1,7 @@
 """How ``haloseg infer`` runs one image: exact tiles for networks of local layers, or one
 whole-image forward pass over a grid of processes for networks whose statistics span the
-image (InstanceNorm, GroupNorm) — in one process only when it fits the memory budget."""
+image (InstanceNorm, GroupNorm) — in one process only when it fits the memory budget — or,
+on request, one whole-image pass in one process layer by layer over blocks."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from haloseg.inference.budget import bytes_per_voxel, tile_for_budget
 from haloseg.inference.receptive import ReceptiveField, receptive_field
 from haloseg.inference.tiles import aligned_tile
 from haloseg.inference.whole import auto_grid, block_chunks, whole_image_bytes
+from haloseg.layerwise.budget import block_for_budget
 from haloseg.parallel import Decomposition
 from haloseg.parallel.alignment import downsampling_factor
 from haloseg.resident import resident_kib
+from haloseg.training.samples import padded_shape
 from haloseg.training.spec import RunSpec
 from haloseg.units import format_bytes
 
@@ -31,12 +34,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
-    """How one image is predicted: tiles (``rf``, ``core``) or whole-image blocks (``dec``)."""
+    """How one image is predicted: tiles (``rf``, ``core``), whole-image blocks over
+    processes (``dec``), or one whole-image pass layer by layer over ``block``s."""
 
     chunks: tuple[int, ...]
     rf: ReceptiveField | None = None
     core: tuple[int, ...] | None = None
     dec: Decomposition | None = None
+    block: tuple[int, ...] | None = None
+    align: int = 1
 
 
 def _available_bytes() -> int:
@@ -97,7 +103,8 @@ def _check_whole_fits(
         f"{reason}, so it runs as one whole-image forward pass, which needs about "
         f"{format_bytes(need)} for {'x'.join(map(str, spatial))} but the budget is "
         f"{format_bytes(budget)}; split the image over processes: torchrun "
-        f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}"
+        f"--nproc-per-node {n} -m haloseg infer ... --grid {grid}; or run it layer by layer "
+        "in this process: --executor layerwise"
     )
 
 
@@ -111,11 +118,18 @@ def plan_image(
     max_memory: int | None,
     batch_size: int,
     world: int,
+    executor: str = "auto",
+    block: Sequence[int] | None = None,
 ) -> Plan:
     """Tiles of ``tile`` (or from the ``max_memory`` budget) for a network of local layers;
     a whole-image forward over ``grid`` for one whose statistics span the image, or when
-    ``grid`` is given."""
+    ``grid`` is given; with ``executor="layerwise"``, one whole-image forward in this process
+    over blocks of ``block`` (or the largest within ``max_memory`` of device memory)."""
     dims = spec.spatial_dims
+    if executor == "layerwise":
+        return _plan_layerwise(model, spec, spatial, tile, grid, block, max_memory, world)
+    if block is not None:
+        raise ConfigError("--block sets the blocks of --executor layerwise; add that flag")
     try:
         rf = receptive_field(model, dims)
     except UnsupportedLayerError as e:
@@ -137,6 +151,41 @@ def plan_image(
         tile = tuple(tile) * dims
     core = aligned_tile(tile, rf.alignment)
     return Plan(chunks=core, rf=rf, core=core)
+
+
+def _plan_layerwise(
+    model: nn.Module, spec: RunSpec, spatial: tuple[int, ...], tile: Sequence[int] | None,
+    grid: Sequence[int] | None, block: Sequence[int] | None, max_memory: int | None,
+    world: int,
+) -> Plan:  # fmt: skip
+    """One whole-image pass over blocks, in one process, padded as the whole-image path pads."""
+    dims = spec.spatial_dims
+    for flag, value in (("--tile", tile), ("--grid", grid)):
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to --executor layerwise; drop it or "
+                              "give --block")  # fmt: skip
+    if world > 1:
+        raise ConfigError(
+            f"--executor layerwise runs in one process but {world} run; launch without "
+            "torchrun, or drop --executor layerwise to split the image over the processes"
+        )
+    align = downsampling_factor(model, dims)
+    padded = padded_shape(spatial, align, (1,) * dims)
+    if block is None:
+        if max_memory is None:
+            raise ConfigError("give --block or --max-memory (the device budget, e.g. 2GB)")
+        dtype = next(model.parameters()).dtype
+        shape = (1, spec.in_channels, *padded)
+        block = block_for_budget(model, shape, dtype, max_memory, align=align)
+    elif len(block) == 1:
+        block = tuple(block) * dims
+    if len(block) != dims or min(block) < 1:
+        raise ConfigError(
+            f"--block {' '.join(map(str, block))} must be one size >= 1 or {dims} of them "
+            "(one per spatial axis)"
+        )
+    chunks = tuple(min(b, n) for b, n in zip(block, spatial))
+    return Plan(chunks=chunks, block=tuple(block), align=align)
 
 
 def _global_statistics(model: nn.Module, spatial_dims: int) -> bool:

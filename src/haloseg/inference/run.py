@@ -39,7 +39,7 @@ from haloseg.inference.io import (
 from haloseg.inference.plan import Plan, plan_image
 from haloseg.inference.predict import predict_tiled
 from haloseg.inference.preprocess import Normalization, image_moments
-from haloseg.inference.whole import predict_whole_image
+from haloseg.inference.whole import predict_layerwise, predict_whole_image
 from haloseg.models import build_network
 from haloseg.training.checkpoint import load_checkpoint
 from haloseg.training.setup import agree
@@ -171,6 +171,9 @@ def infer(
     preview: str | os.PathLike | None = None,
     grid: Sequence[int] | None = None,
     model: tuple[nn.Module, RunSpec] | None = None,
+    executor: str = "auto",
+    block: Sequence[int] | None = None,
+    store: str | Path = "memory",
 ) -> dict[str, Any]:
     """Predict ``source`` into ``target`` exactly as whole-image inference would, after the
     training's intensity normalisation; ``target`` keeps the input's geometry.
@@ -178,7 +181,10 @@ def infer(
     Networks with local layers run tile by tile (every process of a torchrun launch takes
     every n-th tile); networks whose statistics span the image (InstanceNorm, GroupNorm), or
     any network when ``grid`` is given, run one whole-image forward pass split over the
-    processes' ``grid``. ``model``: a ``load_model`` result to reuse across images.
+    processes' ``grid``. ``executor="layerwise"``: one whole-image pass in this process,
+    layer by layer over blocks of ``block`` voxels (or the largest ``max_memory`` bytes of
+    the device hold), every layer's output in ``store`` ("memory" or a folder for zarr).
+    ``model``: a ``load_model`` result to reuse across images.
     """
     _release_large_frees()
     net, spec = model if model is not None else load_model(checkpoint)
@@ -190,7 +196,7 @@ def infer(
     spatial = tuple(image.shape[1:])
     plan = agree(lambda: plan_image(net.to(device), spec, spatial, tile=tile, grid=grid,
                                     max_memory=max_memory, batch_size=batch_size,
-                                    world=world))  # fmt: skip
+                                    world=world, executor=executor, block=block))  # fmt: skip
     plan = _same_tiles(plan, world)
     classes = spec.model["out_channels"]
     shape = spatial if output == "labels" else (classes, *spatial)
@@ -208,17 +214,20 @@ def infer(
         Output(Path(target), None, _staged(Path(target)), None)
     )  # fmt: skip
     run = functools.partial(_predict, net, image, plan, array, output, spec, name, device,
-                            batch_size, progress, rank, world)  # fmt: skip
+                            batch_size, progress, rank, world, store)  # fmt: skip
     try:
         agree(run)  # one rank's bad tile is every rank's error, not a wait at the barrier
     except BaseException:
         if out is not None:
             out.discard()
         raise
-    result = {"shape": list(spatial), "processes": world, "mode": "tiles" if plan.rf else "whole",
+    mode = "tiles" if plan.rf else "layerwise" if plan.block else "whole"
+    result = {"shape": list(spatial), "processes": world, "mode": mode,
               "normalize": spec.normalize}  # fmt: skip
     if plan.rf is not None:
         result.update(tile=list(plan.core), halo=list(plan.rf.halo), alignment=plan.rf.alignment)
+    elif plan.block is not None:
+        result.update(block=list(plan.block))
     else:
         result.update(grid=list(plan.dec.grid))
     if out is not None:
@@ -231,8 +240,13 @@ def infer(
 def _predict(
     net: nn.Module, image: Any, plan: Plan, out: Any, output: str, spec: RunSpec, name: str,
     device: str, batch_size: int, progress: Callable[[int, int], None] | None,
-    rank: int, world: int,
+    rank: int, world: int, store: str | Path,
 ) -> None:  # fmt: skip
+    if plan.block is not None:
+        predict_layerwise(net, image, plan.align, plan.block, out=out, output=output,
+                          normalize=spec.normalize, name=name, device=device,
+                          store=store)  # fmt: skip
+        return
     if plan.dec is not None:
         # spatial_parallel converts in place; the caller's model serves the next image.
         predict_whole_image(copy.deepcopy(net), image, plan.dec, out=out, output=output,

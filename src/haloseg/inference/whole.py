@@ -1,6 +1,7 @@
 """Whole-image inference for networks whose statistics span the image (InstanceNorm,
 GroupNorm): one forward pass over the whole image, split over the processes of a spatial
-grid by the same engine that trains it, or in one process when the grid is a single block.
+grid by the same engine that trains it, or in one process when the grid is a single block,
+or in one process layer by layer over blocks (``haloseg.layerwise``).
 
 Each process reads only its own block of the file (padded at the high end to the size the
 grid and network can split, as training pads), normalises it with statistics summed over
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +26,19 @@ from haloseg.data.normalize import (
     normalization_mask,
     zscore_from_moments,
 )
-from haloseg.inference.tiles import Merger, Tile, read_tile
+from haloseg.inference.tiles import Box, Merger, Tile, read_tile
+from haloseg.layerwise import run_layerwise
 from haloseg.parallel import Decomposition, global_sum, spatial_parallel
 from haloseg.training.samples import padded_shape
 from haloseg.training.setup import agree
 
-__all__ = ["auto_grid", "block_chunks", "predict_whole_image", "whole_image_bytes"]
+__all__ = [
+    "auto_grid",
+    "block_chunks",
+    "predict_layerwise",
+    "predict_whole_image",
+    "whole_image_bytes",
+]
 
 
 def _read_block(
@@ -42,6 +51,23 @@ def _read_block(
     valid = np.zeros(block.shape[1:], bool)
     valid[tuple(slice(0, hi - lo) for lo, hi in inside)] = True
     return torch.from_numpy(block), torch.from_numpy(valid), inside
+
+
+def _normalised_input(
+    image: Any, dec: Decomposition, name: str, dtype: torch.dtype, normalize: str
+) -> tuple[torch.Tensor, Box, Box]:
+    """This rank's block ``(C, *box)`` of the padded image, normalised with statistics over
+    all blocks; its box and the part of the box inside the image."""
+    padded = padded_shape(image.shape[1:], dec.align, dec.grid)
+    box = dec.box(padded)
+    # A bad block on one rank (NaN, unreadable) is raised on all before any collective.
+    x, valid, inside = agree(lambda: _read_block(image, box, name), dec.group)
+    x = x.to(dtype)  # training normalises in the model's dtype (float64 runs included)
+    if normalize != "none":
+        mask = normalization_mask(x, valid, normalize)
+        mean, std = zscore_from_moments(global_sum(block_moments(x, mask), dec))
+        x = apply_zscore(x, mean, std, mask)
+    return x, tuple(box), inside
 
 
 def predict_whole_image(
@@ -61,20 +87,36 @@ def predict_whole_image(
     ``model`` is converted in place by ``spatial_parallel`` (a single block needs no peers).
     """
     net = spatial_parallel(model.eval(), dec, sync_gradients=False)
-    padded = padded_shape(image.shape[1:], dec.align, dec.grid)
-    box = dec.box(padded)
-    # A bad block on one rank (NaN, unreadable) is raised on all before any collective.
-    x, valid, inside = agree(lambda: _read_block(image, box, name), dec.group)
     dtype = next(model.parameters()).dtype
-    x = x.to(dtype)  # training normalises in the model's dtype (float64 runs included)
-    if normalize != "none":
-        mask = normalization_mask(x, valid, normalize)
-        mean, std = zscore_from_moments(global_sum(block_moments(x, mask), dec))
-        x = apply_zscore(x, mean, std, mask)
+    x, box, inside = _normalised_input(image, dec, name, dtype, normalize)
     with torch.no_grad():
         logits = net(x[None].to(device, dtype))[0].float().cpu().numpy()
     if all(hi > lo for lo, hi in inside):
-        Merger(out, output).add(Tile(read=tuple(box), core=inside), logits)
+        Merger(out, output).add(Tile(read=box, core=inside), logits)
+
+
+def predict_layerwise(
+    model: nn.Module,
+    image: Any,
+    align: int,
+    block: Sequence[int],
+    *,
+    out: Any,
+    output: str = "labels",
+    normalize: str = "none",
+    name: str = "the image",
+    device: str | torch.device = "cpu",
+    store: str | Path = "memory",
+) -> None:
+    """The whole-image forward pass of ``predict_whole_image`` in one process, computed layer
+    by layer over blocks of ``block`` voxels (``haloseg.layerwise``): the device holds one
+    block of one layer, the whole activations live in ``store`` (host memory or a folder)."""
+    dec = Decomposition((1,) * (len(image.shape) - 1))
+    dec.align = align
+    dtype = next(model.parameters()).dtype
+    x, box, inside = _normalised_input(image, dec, name, dtype, normalize)
+    logits = run_layerwise(model.eval(), x[None], block=block, device=device, store=store)
+    Merger(out, output).add(Tile(read=box, core=inside), logits[0].float().numpy())
 
 
 def whole_image_bytes(per_voxel: float, shape: Sequence[int], align: int, channels: int) -> int:

@@ -1,0 +1,20 @@
+"""Exact whole-image execution on one device, layer by layer over spatial blocks: every
+layer's whole output in host memory (or zarr on disk), one block of one layer on the device."""
+
+from haloseg.layerwise.executor import (
+    LayerwiseExecutor,
+    LayerwiseReport,
+    NodeCount,
+    run_layerwise,
+)
+from haloseg.layerwise.store import MemoryStore, Store, ZarrStore
+
+__all__ = [
+    "LayerwiseExecutor",
+    "LayerwiseReport",
+    "MemoryStore",
+    "NodeCount",
+    "Store",
+    "ZarrStore",
+    "run_layerwise",
+]
