@@ -368,7 +368,7 @@ def test_infer_serves_a_tiles_run(frozen_runs, tmp_path):
     np.save(tmp_path / "image.npy", image)
     out = tmp_path / "labels.npy"
     argv = ["infer", "--checkpoint", str(tiles), "--input", str(tmp_path / "image.npy"),
-            "--output", str(out), "--max-memory", "1GB", "--no-progress"]  # fmt: skip
+            "--output", str(out), "--tile", "16", "16", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     model, _ = load_model(tiles)
     x = torch.from_numpy(image.astype(np.float64))
