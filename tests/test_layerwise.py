@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haloseg.bench.layerwise import UncountedStore
 from haloseg.errors import ConfigError, UnsupportedLayerError
-from haloseg.layerwise import LayerwiseExecutor, MemoryStore, run_layerwise
+from haloseg.layerwise import LayerwiseExecutor, run_layerwise
 from haloseg.memory.tracker import LiveBytes
 from haloseg.models.unet import NORMS, UPSAMPLINGS, UNet
 
@@ -237,23 +238,11 @@ def test_transposed_convolutions_with_overlapping_kernels_compute_little_twice()
     assert node.plain < node.computed <= 1.2 * node.plain
 
 
-class _UncountedStore(MemoryStore):
-    """A host store whose arrays the meter does not count: only the compute path is."""
-
-    def __init__(self, meter: LiveBytes) -> None:
-        super().__init__()
-        self.meter = meter
-
-    def create(self, *args: object) -> None:
-        with self.meter.ignoring():
-            super().create(*args)  # type: ignore[arg-type]
-
-
 def _compute_peak(m: nn.Module, shape: tuple[int, ...]) -> int:
     x = torch.randn(1, 2, *shape)
     with LiveBytes("cpu") as meter:
         meter.live = meter.peak = 0
-        run_layerwise(m, x, block=(8, 8, 8), store=_UncountedStore(meter))
+        run_layerwise(m, x, block=(8, 8, 8), store=UncountedStore(meter))
     return meter.peak
 
 

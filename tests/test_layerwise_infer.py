@@ -15,11 +15,12 @@ import torch
 
 import haloseg
 from _user_path import scanner_data, train, whole_logits
+from haloseg.bench.layerwise import UncountedStore
 from haloseg.cli.main import main
 from haloseg.inference.budget import bytes_per_voxel
 from haloseg.inference.run import load_model
 from haloseg.inference.whole import whole_image_bytes
-from haloseg.layerwise import MemoryStore, run_layerwise
+from haloseg.layerwise import run_layerwise
 from haloseg.layerwise.budget import block_for_budget
 from haloseg.memory.tracker import LiveBytes
 from haloseg.models.unet import UNet
@@ -133,18 +134,6 @@ def test_block_without_the_layerwise_executor_is_refused(brain, tmp_path, capsys
     assert "--block sets the blocks of --executor layerwise" in capsys.readouterr().err
 
 
-class _UncountedStore(MemoryStore):
-    """A host store the meter does not count: only the compute path's tensors are."""
-
-    def __init__(self, meter: LiveBytes) -> None:
-        super().__init__()
-        self.meter = meter
-
-    def create(self, *args: object) -> None:
-        with self.meter.ignoring():
-            super().create(*args)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(("norm", "up"), [("instance", "linear"), ("group", "transposed")])
 def test_the_budget_bounds_the_compute_memory_held(norm: str, up: str) -> None:
     torch.manual_seed(0)
@@ -156,7 +145,7 @@ def test_the_budget_bounds_the_compute_memory_held(norm: str, up: str) -> None:
     assert all(b % 4 == 0 for b in block) and math.prod(block) < x[0, 0].numel()
     with LiveBytes("cpu") as meter:
         meter.live = meter.peak = 0
-        y = run_layerwise(m, x, block=block, store=_UncountedStore(meter))
+        y = run_layerwise(m, x, block=block, store=UncountedStore(meter))
     params = sum(t.numel() * t.element_size() for t in m.state_dict().values())
     assert meter.peak + params <= budget
     with torch.no_grad():

@@ -31,7 +31,7 @@ from haloseg.memory.planner import tiled_redundancy
 from haloseg.memory.tracker import LiveBytes
 from haloseg.models import unet_preset
 
-__all__ = ["markdown", "run_layerwise_benchmark"]
+__all__ = ["UncountedStore", "markdown", "run_layerwise_benchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _model(norm: str) -> nn.Module:
     return unet_preset("small", spatial_dims=3, in_channels=1, out_channels=2, norm=norm).eval()
 
 
-class _UncountedStore(MemoryStore):
+class UncountedStore(MemoryStore):
     """The executor's host store, left out of the compute count (reported on its own)."""
 
     def __init__(self, meter: LiveBytes) -> None:
@@ -93,7 +93,7 @@ def _layerwise_counts(model: nn.Module, x: torch.Tensor, block: int) -> dict[str
     """Compute peak, store peak and voxel redundancy of one metered run; FLOPs of another."""
     with LiveBytes("cpu") as meter:
         meter.live = meter.peak = 0
-        ex = LayerwiseExecutor(model, block=block, store=_UncountedStore(meter))
+        ex = LayerwiseExecutor(model, block=block, store=UncountedStore(meter))
         ex.run(x)
     flops = _flops(lambda: LayerwiseExecutor(model, block=block).run(x))
     return {"compute_peak": meter.peak, "store_peak": ex.report.peak_store_bytes,
