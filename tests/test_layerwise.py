@@ -14,31 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _layerwise_cases import Zoo, one_thread, rel, small_unet  # noqa: F401 (one_thread: autouse)
 from haloseg.bench.layerwise import UncountedStore
 from haloseg.errors import ConfigError, UnsupportedLayerError
 from haloseg.layerwise import LayerwiseExecutor, run_layerwise
+from haloseg.layerwise.graph import plan_steps
 from haloseg.memory.tracker import LiveBytes
 from haloseg.models.unet import NORMS, UPSAMPLINGS, UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Blocks are tiny: thread start-up and spinning would dominate the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _unet(n: int, norm: str, up: str, dtype: torch.dtype = torch.float64) -> UNet:
-    torch.manual_seed(0)
-    m = UNet(spatial_dims=n, in_channels=2, out_channels=3, depth=2, base_channels=4,
-             norm=norm, upsampling=up)  # fmt: skip
-    return m.to(dtype).eval()
+    return small_unet(n, norm, up, dtype).eval()
 
 
 def _randomise_norms(m: nn.Module) -> None:
@@ -66,7 +52,7 @@ def test_unet_fp64_equals_whole_image(n: int, norm: str, up: str) -> None:
     with torch.no_grad():
         ref = m(x)
     y = run_layerwise(m, x, block=block)
-    assert _rel(y, ref) < 1e-10
+    assert rel(y, ref) < 1e-10
 
 
 @pytest.mark.parametrize(("n", "norm", "up"), [(2, "batch", "linear"), (2, "group", "transposed"),
@@ -76,7 +62,7 @@ def test_unet_fp32_equals_whole_image(n: int, norm: str, up: str) -> None:
     x = torch.randn(1, 2, *((32, 20) if n == 2 else (8, 12, 16)))
     with torch.no_grad():
         ref = m(x)
-    assert _rel(run_layerwise(m, x, block=5), ref) < 1e-5
+    assert rel(run_layerwise(m, x, block=5), ref) < 1e-5
 
 
 def test_valid_padding_unet_with_skip_crops() -> None:
@@ -86,7 +72,7 @@ def test_valid_padding_unet_with_skip_crops() -> None:
     x = torch.randn(1, 1, 44, 52, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x)
-    assert _rel(run_layerwise(m, x, block=7), ref) < 1e-10
+    assert rel(run_layerwise(m, x, block=7), ref) < 1e-10
 
 
 def test_batch_norm_training_statistics_and_running_stats() -> None:
@@ -97,7 +83,7 @@ def test_batch_norm_training_statistics_and_running_stats() -> None:
     with torch.no_grad():
         ref = eager(x)
     y = run_layerwise(m, x, block=(6, 5))
-    assert _rel(y, ref) < 1e-10
+    assert rel(y, ref) < 1e-10
     for (name, a), (_, b) in zip(m.state_dict().items(), eager.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -110,46 +96,19 @@ def test_instance_norm_running_stats_in_training() -> None:
     x = torch.randn(3, 2, 11, 13, dtype=torch.float64)
     with torch.no_grad():
         ref = eager(x)
-    assert _rel(run_layerwise(m, x, block=4), ref) < 1e-10
+    assert rel(run_layerwise(m, x, block=4), ref) < 1e-10
     torch.testing.assert_close(m[1].running_var, eager[1].running_var, rtol=1e-10, atol=0)
     torch.testing.assert_close(m[1].running_mean, eager[1].running_mean, rtol=1e-10, atol=1e-14)
 
 
-class _Zoo(nn.Module):
-    """Functional calls, padding modes, strides, dilation, ceil-mode pooling, in-place ops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reflect = nn.Conv2d(2, 4, 3, padding=2, dilation=2, padding_mode="reflect")
-        self.replicate = nn.Conv2d(4, 4, 5, padding=2, padding_mode="replicate")
-        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-        self.avg = nn.AvgPool2d(3, stride=1, padding=1)
-        self.weight = nn.Parameter(torch.randn(4, 6, 3, 3))
-        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act(self.reflect(x))
-        b = self.replicate(a)
-        b.relu_()  # in place: later readers of b see the activation, as in eager
-        c = self.avg(self.down(b + a * 0.5))  # 9 x 11
-        u = self.up(self.pool(c))  # 10 x 12
-        d = F.interpolate(c, size=u.shape[2:], mode="bilinear", align_corners=True)
-        e = F.conv2d(d, self.weight, padding="same")
-        f = F.pad(u + e, (1, 2, 3, 0), mode="constant", value=0.25)
-        g = F.interpolate(F.pad(f, (-1, -2, 0, -3)), size=b.shape[2:], mode="nearest")
-        return torch.cat([g, b], dim=1)[:, 1:]  # channels only
-
-
 def test_functional_calls_padding_modes_and_in_place_ops() -> None:
     torch.manual_seed(2)
-    m = _Zoo().double().eval()
+    m = Zoo().double().eval()
     x = torch.randn(1, 2, 18, 22, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x)
     for block in (3, (5, 7), 64):
-        assert _rel(run_layerwise(m, x, block=block), ref) < 1e-10
+        assert rel(run_layerwise(m, x, block=block), ref) < 1e-10
 
 
 def test_zarr_store_equals_memory_and_leaves_no_arrays(tmp_path: Path) -> None:
@@ -157,7 +116,7 @@ def test_zarr_store_equals_memory_and_leaves_no_arrays(tmp_path: Path) -> None:
     x = torch.randn(1, 2, 16, 20, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x)
-    assert _rel(run_layerwise(m, x, block=(6, 7), store=tmp_path / "acts"), ref) < 1e-10
+    assert rel(run_layerwise(m, x, block=(6, 7), store=tmp_path / "acts"), ref) < 1e-10
     assert list((tmp_path / "acts").iterdir()) == []
 
 
@@ -177,14 +136,52 @@ def test_monai_networks(name: str) -> None:
     x = torch.randn(1, 1, 8, 12, 16, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x)
-    assert _rel(run_layerwise(m, x, block=5), ref) < 1e-10
+    assert rel(run_layerwise(m, x, block=5), ref) < 1e-10
 
 
-def test_monai_basic_unet_is_refused_by_name() -> None:
-    m = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
-                             features=(4, 4, 8, 8, 16, 4))  # fmt: skip
-    with pytest.raises(UnsupportedLayerError, match="branches on tensor types or shapes"):
-        run_layerwise(m.eval(), torch.randn(1, 1, 32, 32), block=8)
+BASIC_UNET_CASES = [(2, (37, 30)), (2, (32, 48)), (3, (33, 17, 16))]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(("n", "shape"), BASIC_UNET_CASES)
+def test_monai_basic_unet(n: int, shape: tuple[int, ...], train: bool) -> None:
+    """UpCat pads the up-sampled features where a level's size is odd (a branch on shapes
+    after ``torch.jit.isinstance(skip, torch.Tensor)``): tracing follows the image's shape.
+    Instance norm has no running statistics, so training mode gives the same outputs."""
+    torch.manual_seed(5)
+    features = (4, 4, 8, 8, 16, 4) if n == 2 else (4, 4, 8, 8, 8, 4)
+    m = monai_nets.BasicUNet(spatial_dims=n, in_channels=1, out_channels=2, features=features)
+    m = m.double().train(train)
+    x = torch.randn(1, 1, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m(x)
+    pads = [s.node.args[1] for s in plan_steps(m, x.shape, x.dtype) if s.node.target is F.pad]
+    assert len(pads) == 4  # every UpCat keeps its skip
+    assert any(any(p) for p in pads) == any(s % 16 for s in shape)
+    block = (7, 9) if n == 2 else (8, 5, 7)
+    assert rel(run_layerwise(m, x, block=block), ref) < 1e-10
+
+
+class _ValueBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+class _TypeBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] if isinstance(x, torch.Tensor) else x  # a proxy is no tensor
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (_ValueBranch(), "cannot be traced by torch.fx"),
+        (_TypeBranch(), "branches on tensor types or shapes"),
+    ],
+)
+def test_branches_tracing_cannot_follow_are_refused(model: nn.Module, match: str) -> None:
+    with pytest.raises(UnsupportedLayerError, match=match):
+        run_layerwise(model, torch.randn(1, 2, 8, 8), block=4)
 
 
 class _Transpose(nn.Module):
@@ -262,4 +259,4 @@ def test_every_cell_of_every_block_size_is_exact() -> None:
     with torch.no_grad():
         ref = m(x)
     for block in itertools.product((1, 2, 5, 12), (3, 8)):
-        assert _rel(run_layerwise(m, x, block=block), ref) < 1e-10, block
+        assert rel(run_layerwise(m, x, block=block), ref) < 1e-10, block

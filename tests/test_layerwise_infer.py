@@ -14,6 +14,7 @@ import tifffile
 import torch
 
 import haloseg
+from _layerwise_cases import one_thread  # noqa: F401 (autouse: one torch thread)
 from _user_path import scanner_data, train, whole_logits
 from haloseg.bench.layerwise import UncountedStore
 from haloseg.cli.main import main
@@ -62,6 +63,15 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
+def _same_labels(labels: np.ndarray, logits: np.ndarray) -> None:
+    """The whole-image forward's labels, wherever its top two logits differ by more than
+    float32 rounding (blocks run other convolution kernels than the whole image)."""
+    top2 = np.sort(logits, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4 * np.abs(logits).max()
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], logits.argmax(0)[clear])
+
+
 def _whole_forward_bytes(run, image: np.ndarray) -> int:
     """What haloseg estimates one whole-image forward of ``image`` needs (depth 2: align 4)."""
     model, _ = load_model(run)
@@ -90,11 +100,11 @@ def test_instance_norm_model_under_a_budget_below_one_whole_forward(brain, tmp_p
 def test_nifti_labels_keep_the_affine_with_a_zarr_store(brain, tmp_path):
     run, source, image = brain
     out, acts = tmp_path / "labels.nii.gz", tmp_path / "acts"
-    assert _infer(run, source, out, "--block", "8", "12", "4", "--store", str(acts)) == 0
+    assert _infer(run, source, out, "--block", "16", "12", "8", "--store", str(acts)) == 0
     pred, given = nib.load(out), nib.load(source)
     np.testing.assert_array_equal(pred.affine, given.affine)
     assert pred.header.get_zooms() == given.header.get_zooms()[:3]
-    np.testing.assert_array_equal(np.asarray(pred.dataobj), whole_logits(run, image).argmax(0))
+    _same_labels(np.asarray(pred.dataobj), whole_logits(run, image))
     assert list(acts.iterdir()) == []  # the activations' arrays are gone
 
 
@@ -102,7 +112,7 @@ def test_group_norm_scene_keeps_its_georeference(scenes, tmp_path):
     run, source, image = scenes
     out = tmp_path / "labels.tif"
     assert _infer(run, source, out, "--block", "16") == 0
-    np.testing.assert_array_equal(tifffile.imread(out), whole_logits(run, image).argmax(0))
+    _same_labels(tifffile.imread(out), whole_logits(run, image))
     with tifffile.TiffFile(out) as p, tifffile.TiffFile(source) as i:
         want = {t.code: t.value for t in i.pages[0].tags if t.code in GEOKEYS}
         got = {t.code: t.value for t in p.pages[0].tags if t.code in GEOKEYS}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import conv_flop_count
+from torch.utils.flop_counter import conv_backward_flop, conv_flop_count
 
 from haloseg.inference.receptive import receptive_field
 from haloseg.inference.tiles import plan_tiles
@@ -31,7 +31,13 @@ from haloseg.memory.planner import tiled_redundancy
 from haloseg.memory.tracker import LiveBytes
 from haloseg.models import unet_preset
 
-__all__ = ["UncountedStore", "markdown", "run_layerwise_benchmark"]
+__all__ = [
+    "UncountedStore",
+    "markdown",
+    "run_layerwise_benchmark",
+    "run_training_benchmark",
+    "training_markdown",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +60,15 @@ class UncountedStore(MemoryStore):
         with self.meter.ignoring():
             super().create(*args)
 
+    def zeros(self, *args: Any) -> None:
+        with self.meter.ignoring():
+            super().zeros(*args)
+
 
 class _ConvFlops(TorchDispatchMode):
-    """Convolution FLOPs (PyTorch's own formula) of the ops on one device type: the
+    """Convolution FLOPs, forward and backward (PyTorch's own formulas; the executor's
+    oneDNN calls, forward and as backward, counted as the convolutions they are), of the ops
+    on one device type: the
     executor's trace runs the network on the meta device too, which is not work."""
 
     def __init__(self, device: str) -> None:
@@ -65,8 +77,13 @@ class _ConvFlops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):  # noqa: ANN204
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution.default and args[0].device.type == self.device:
-            self.flops += conv_flop_count(args[0].shape, args[1].shape, out.shape, args[6])
+        if args and isinstance(args[0], torch.Tensor) and args[0].device.type == self.device:
+            if func is torch.ops.aten.convolution.default:
+                self.flops += conv_flop_count(args[0].shape, args[1].shape, out.shape, args[6])
+            elif func is torch.ops.aten.mkldnn_convolution.default:  # blocks' oneDNN calls
+                self.flops += conv_flop_count(args[0].shape, args[1].shape, out.shape, False)
+            elif func is torch.ops.aten.convolution_backward.default:
+                self.flops += conv_backward_flop(*args, out_val=out)
         return out
 
 
@@ -148,14 +165,14 @@ def _one_size(model: nn.Module, norm: str, size: int, block: int, repeats: int) 
     return row
 
 
-def run_layerwise_benchmark(sizes: list[int], block: int, repeats: int, threads: int,
-                            norm: str = "instance") -> list[dict[str, Any]]:  # fmt: skip
-    """One row per cube side in ``sizes``; memory growth relative to the first size."""
+def _over_sizes(one: Any, sizes: list[int], block: int, repeats: int, threads: int,
+                norm: str) -> list[dict[str, Any]]:  # fmt: skip
+    """``one(model, norm, size, block, repeats)`` per cube side; growth relative to the first."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model = _model(norm)
-        rows = [_one_size(model, norm, s, block, repeats) for s in sizes]
+        rows = [one(model, norm, s, block, repeats) for s in sizes]
     finally:
         torch.set_num_threads(before)
     for r in rows:
@@ -163,6 +180,86 @@ def run_layerwise_benchmark(sizes: list[int], block: int, repeats: int, threads:
         r["compute_growth"] = r["compute_peak_mib"] / rows[0]["compute_peak_mib"]
         r["plain_growth"] = r["plain_peak_mib"] / rows[0]["plain_peak_mib"]
     return rows
+
+
+def run_layerwise_benchmark(sizes: list[int], block: int, repeats: int, threads: int,
+                            norm: str = "instance") -> list[dict[str, Any]]:  # fmt: skip
+    """One inference row per cube side in ``sizes``."""
+    return _over_sizes(_one_size, sizes, block, repeats, threads, norm)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    model(x).backward(grad)
+    model.zero_grad(set_to_none=True)
+
+
+def _layerwise_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, block: int,
+                    store: Any = "memory") -> LayerwiseExecutor:  # fmt: skip
+    ex = LayerwiseExecutor(model, block=block, store=store)
+    ex.forward(x)
+    ex.backward(grad)
+    model.zero_grad(set_to_none=True)
+    return ex
+
+
+def _one_training_size(model: nn.Module, norm: str, size: int, block: int,
+                       repeats: int) -> dict[str, Any]:  # fmt: skip
+    """One training step (forward, backward, the output's gradient given) plain and
+    layer-wise: time, compute peak (the plain step's saved activations included; the
+    executor's host store apart), store peak and convolution FLOPs."""
+    torch.manual_seed(1)
+    model.train()
+    x = torch.randn(1, 1, size, size, size)
+    grad = torch.randn(1, 2, size, size, size)
+    with LiveBytes("cpu") as meter:
+        meter.live = meter.peak = 0
+        _train_step(model, x, grad)
+    plain_peak = meter.peak
+    with LiveBytes("cpu") as meter:
+        meter.live = meter.peak = 0
+        ex = _layerwise_step(model, x, grad, block, UncountedStore(meter))
+    with _ConvFlops("cpu") as counter:
+        _train_step(model, x, grad)
+    plain_flops = counter.flops
+    with _ConvFlops("cpu") as counter:
+        _layerwise_step(model, x, grad, block)
+    plain_s, layer_s = [], []
+    for _ in range(repeats):  # interleaved: both see the same machine
+        plain_s.append(_time(lambda: _train_step(model, x, grad)))
+        layer_s.append(_time(lambda: _layerwise_step(model, x, grad, block)))
+    row = {
+        "size": size, "voxels": size**3, "block": block, "norm": norm, "mode": "train",
+        "plain_s": statistics.median(plain_s), "layerwise_s": statistics.median(layer_s),
+        "plain_peak_mib": plain_peak / MIB, "compute_peak_mib": meter.peak / MIB,
+        "store_peak_mib": ex.report.peak_store_bytes / MIB,
+        "flop_redundancy": counter.flops / plain_flops,
+    }  # fmt: skip
+    row["time_ratio"] = row["layerwise_s"] / row["plain_s"]
+    log.info("train %d^3: plain %.2f s, layer-wise %.2f s", size, row["plain_s"],
+             row["layerwise_s"])  # fmt: skip
+    return row
+
+
+def run_training_benchmark(sizes: list[int], block: int, repeats: int, threads: int,
+                           norm: str = "instance") -> list[dict[str, Any]]:  # fmt: skip
+    """One training-step row per cube side in ``sizes``."""
+    return _over_sizes(_one_training_size, sizes, block, repeats, threads, norm)
+
+
+def training_markdown(rows: list[dict[str, Any]]) -> str:
+    """Training-step rows as the Markdown table of docs/benchmarks.md."""
+    head = ("| image | block | plain step s | layer-wise step s | ÷ plain | plain peak MiB "
+            "(growth) | layer-wise compute peak MiB (growth) | host store peak MiB | "
+            "FLOPs ÷ plain |")  # fmt: skip
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['size']}³ | {r['block']}³ | {r['plain_s']:.2f} | {r['layerwise_s']:.2f} | "
+            f"{r['time_ratio']:.2f} | {r['plain_peak_mib']:.0f} ({r['plain_growth']:.2f}×) | "
+            f"{r['compute_peak_mib']:.1f} ({r['compute_growth']:.2f}×) | "
+            f"{r['store_peak_mib']:.0f} | {r['flop_redundancy']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -10,6 +10,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from haloseg.cli.plan_layerwise import (
+    add_layerwise_args,
+    check_layerwise_args,
+    plan_layerwise,
+    plan_run_layerwise,
+)
 from haloseg.cli.plan_pipeline import add_pipeline_args, plan_pipeline, plan_run_stages
 from haloseg.cli.plan_tiling import add_tiling_args, plan_tiling, tiles_run_spec
 from haloseg.config import RunConfig
@@ -52,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the rows to this JSON file")
     add_pipeline_args(p)
     add_tiling_args(p)
+    add_layerwise_args(p)
     p.set_defaults(run=_plan)
 
 
@@ -60,6 +67,7 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
                  "max_devices", "top"):  # fmt: skip
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    check_layerwise_args(args)
     budget = parse_bytes(args.device_memory)
     spec = unet_spec(
         image=args.image, in_channels=args.in_channels, classes=args.classes,
@@ -70,6 +78,7 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
     _table(console, rows[: args.top], budget)
     _verdict(console, rows, budget)
     plan_tiling(args, console, spec, budget)
+    plan_layerwise(args, console)
     if args.pipeline is not None:
         plan_pipeline(args, console)
     try:
@@ -167,6 +176,11 @@ def plan_run(cfg: RunConfig, console: Console) -> None:
             in_channels=train_set.in_channels, out_channels=train_set.num_classes,
             **cfg.model.overrides(),
         )  # fmt: skip
+    if cfg.memory.executor == "layerwise":
+        image = padded_shape(shape, model.downsampling_factor, [1] * len(shape))
+        plan_run_layerwise(cfg, model, image if cfg.data.pad else shape,
+                           train_set.in_channels, console)  # fmt: skip
+        return
     grid = cfg.parallel.grid or [1] * len(shape)
     if len(grid) != len(shape):
         raise ConfigError(

@@ -48,6 +48,8 @@ class RunConfig:
         _check_pipeline(self.parallel, self.train.batch_size)
         if self.parallel.pipeline > 1:
             _check_stages(self.parallel.pipeline, self.model.target, self.memory)
+        if self.memory.executor == "layerwise":
+            _check_layerwise(self.parallel, self.memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +104,26 @@ def _check_pipeline(parallel: ParallelConfig, batch_size: int) -> None:
             f"parallel.microbatches (and train.batch_size) to at least {stages} or use "
             "parallel.schedule=gpipe"
         )
+
+
+def _check_layerwise(parallel: ParallelConfig, memory: MemoryConfig) -> None:
+    """Layer-wise execution is one process holding every whole image, block by block."""
+    grid = parallel.grid or []
+    clashes = [
+        (parallel.pipeline > 1, f"parallel.pipeline={parallel.pipeline}"),
+        (parallel.mode == "tiles", "parallel.mode=tiles"),
+        (parallel.data > 1, f"parallel.data={parallel.data}"),
+        (any(g > 1 for g in grid), f"parallel.grid={grid}"),
+        (memory.swap != "none", f"memory.swap={memory.swap}"),
+        (memory.checkpoint, "memory.checkpoint=true"),
+    ]
+    for clash, what in clashes:
+        if clash:
+            raise ConfigError(
+                f"memory.executor=layerwise runs the whole image in one process, block by "
+                f"block, with every layer's output in host memory; {what} does not combine "
+                f"with it: drop {what.split('=')[0]} or memory.executor"
+            )
 
 
 def _check_stages(stages: int, target: str | None, memory: MemoryConfig) -> None:

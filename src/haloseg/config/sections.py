@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from haloseg.config.checks import check_choice, check_ignore_label, check_positive
+from haloseg.data.context import CONTEXT_MIN_SIDE, CONTEXT_TASKS
 from haloseg.data.normalize import NORMALIZE
 from haloseg.errors import ConfigError
 
@@ -51,6 +52,9 @@ class DataConfig:
     """Synthetic noise standard deviation."""
     seed: int = 0
     """Synthetic data seed."""
+    task: str = "ellipses"
+    """Synthetic task: ellipses (classes by brightness) | size | marker | control (classes
+    that need context beyond a patch, and a local control; see haloseg.data.context)."""
     val_fraction: float = 0.25
     """Share of the samples held out for validation (the last ones)."""
     normalize: str = "zscore"
@@ -90,6 +94,23 @@ class DataConfig:
         check_positive("data.in_channels", self.in_channels)
         check_positive("data.noise", self.noise, zero=True)
         check_positive("data.seed", self.seed, zero=True)
+        check_choice("data.task", self.task, ("ellipses", *CONTEXT_TASKS))
+        if self.task != "ellipses":
+            self._check_context_task()
+
+    def _check_context_task(self) -> None:
+        """The context tasks are synthetic, of 1 channel, 3 classes and sides >= 32."""
+        if (
+            self.kind != "synthetic"
+            or self.in_channels != 1
+            or self.num_classes not in (None, 3)
+            or min(self.shape) < CONTEXT_MIN_SIDE
+        ):
+            raise ConfigError(
+                f"data.task={self.task!r} makes synthetic images of 1 channel, 3 classes and "
+                f"sides >= {CONTEXT_MIN_SIDE}; got data.kind={self.kind!r}, data.in_channels="
+                f"{self.in_channels}, data.num_classes={self.num_classes}, data.shape={self.shape}"
+            )
 
 
 PARALLEL_MODES = ("halo", "tiles")
@@ -225,10 +246,37 @@ class MemoryConfig:
     checkpoint: bool = False
     """Keep only each U-Net level's input and recompute the level in backward."""
     device_memory: str | None = None
-    """Memory of one device, for ``haloseg train --plan`` to say whether the run fits."""
+    """Memory of one device, for ``haloseg train --plan`` to say whether the run fits; with
+    ``executor: layerwise`` and no ``block``, the budget the block is picked for."""
+    executor: str = "autograd"
+    """autograd (the network as it is) | layerwise (one process: every image whole, node by
+    node over blocks, each layer's output in host memory or a zarr store on disk)."""
+    block: int | list[int] | None = None
+    """Voxels per spatial dim of a layer-wise block (one value for all dims, or one each);
+    default: the largest block within ``device_memory``, else 64."""
+    store: str = "memory"
+    """Where layer-wise activations live: memory (host) or a folder for zarr arrays."""
 
     def __post_init__(self) -> None:
         check_choice("memory.swap", self.swap, SWAP_POLICIES)
+        check_choice("memory.executor", self.executor, ("autograd", "layerwise"))
+        if self.block is not None:
+            if isinstance(self.block, int) and not isinstance(self.block, bool):
+                self.block = [self.block]
+            if (
+                not isinstance(self.block, list)
+                or not self.block
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.block)
+            ):
+                raise ConfigError(
+                    f"memory.block={self.block!r} must be one integer >= 1 or one per "
+                    "spatial dim, e.g. memory.block=64 or memory.block=[64,64,32]"
+                )
+            if self.executor != "layerwise":
+                raise ConfigError(
+                    f"memory.block={self.block} applies to memory.executor=layerwise only; "
+                    "drop it or set memory.executor=layerwise"
+                )
         check_positive("memory.prefetch", self.prefetch, zero=True)
         check_positive("memory.swap_min_bytes", self.swap_min_bytes)
         if self.swap == "budget" and self.swap_budget is None:

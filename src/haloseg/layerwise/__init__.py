@@ -7,10 +7,12 @@ from haloseg.layerwise.executor import (
     NodeCount,
     run_layerwise,
 )
+from haloseg.layerwise.module import LayerwiseModule
 from haloseg.layerwise.store import MemoryStore, Store, ZarrStore
 
 __all__ = [
     "LayerwiseExecutor",
+    "LayerwiseModule",
     "LayerwiseReport",
     "MemoryStore",
     "NodeCount",

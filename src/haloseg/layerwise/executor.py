@@ -23,6 +23,8 @@ from torch import fx, nn
 from haloseg.errors import ConfigError, DataError
 from haloseg.geometry import Box
 from haloseg.layerwise import kernels
+from haloseg.layerwise.alias import functionalise
+from haloseg.layerwise.backward import backward, check_trainable
 from haloseg.layerwise.fusion import pointwise_chains
 from haloseg.layerwise.graph import Step, plan_steps
 from haloseg.layerwise.norm import Moments, block_moments, normalise_block, update_running
@@ -32,6 +34,8 @@ from haloseg.layerwise.window import blocks_of, read_block, read_window
 __all__ = ["LayerwiseExecutor", "LayerwiseReport", "NodeCount", "run_layerwise"]
 
 log = logging.getLogger(__name__)
+
+_COMPUTED = ("pointwise", "local", "norm")
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,73 @@ class LayerwiseExecutor:
         self.device = torch.device(device) if device is not None else default
         self.store_spec = store
         self.report = LayerwiseReport()
+        self._pending: _Run | None = None
 
     @torch.no_grad()
     def run(self, image: torch.Tensor) -> Any:
         """The model's output for ``image`` (N, C, *spatial), as plain ``model(image)`` gives
         it, on the CPU."""
+        run = self._start(image, keep=False)
+        try:
+            return run.run(image)
+        finally:
+            run.store.close()
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, *, input_grad: bool = False) -> Any:
+        """A training forward: ``run``'s output, with every layer's output kept in the store
+        for ``backward`` (and running statistics updated once, as the model's own forward
+        does). ``input_grad``: ``backward`` also returns the image's gradient."""
+        self.release()
+        run = self._start(image, keep=True)
+        run.input_grad = input_grad
+        check_trainable(run.steps)
+        try:
+            out = run.run(image)
+        except BaseException:
+            run.store.close()
+            raise
+        self._pending = run
+        return out
+
+    def gradients(self, grad_output: Any) -> tuple[torch.Tensor | None, dict]:
+        """Gradients of the last ``forward`` for ``grad_output`` (shaped as its output, None
+        where no gradient flows): the image's gradient (or None) and, per parameter by id,
+        ``(parameter, gradient)``. The kept stores are freed."""
+        run = self._pending
+        if run is None:
+            raise DataError("backward needs a forward first: call forward(image), then backward")
+        self._pending = None
+        try:
+            out = run.steps[-1]
+            nodes = torch.utils._pytree.tree_leaves(
+                fx.map_arg(out.node.args[0], lambda a: run.eff(out, a))
+            )
+            grads = torch.utils._pytree.tree_leaves(grad_output, is_leaf=lambda t: t is None)
+            if len(grads) != len(nodes):
+                raise DataError(
+                    f"backward got {len(grads)} gradients for the {len(nodes)} outputs of "
+                    "the forward; give one per output (None where none flows)"
+                )
+            return backward(run, list(zip(nodes, grads, strict=True)))
+        finally:
+            run.store.close()
+
+    def backward(self, grad_output: Any) -> torch.Tensor | None:
+        """As ``tensor.backward`` after plain ``model(image)``: adds the parameters'
+        gradients into their ``.grad``; returns the image's gradient (``input_grad``)."""
+        grad, params = self.gradients(grad_output)
+        for p, g in params.values():
+            p.grad = g.to(p.dtype) if p.grad is None else p.grad + g
+        return grad
+
+    def release(self) -> None:
+        """Drop what a training forward kept for a backward that will not come."""
+        run, self._pending = getattr(self, "_pending", None), None
+        if run is not None:
+            run.store.close()
+
+    def _start(self, image: torch.Tensor, *, keep: bool) -> _Run:
         if not isinstance(image, torch.Tensor) or image.dim() < 3:
             got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise DataError(f"image {got} must be a tensor (N, C, *spatial)")
@@ -108,10 +174,7 @@ class LayerwiseExecutor:
         steps = plan_steps(self.model, image.shape, image.dtype)
         store = open_store(self.store_spec, pin=self.device.type == "cuda")
         self.report = LayerwiseReport()
-        try:
-            return _Run(steps, store, self.device, blocks, self.report).run(image)
-        finally:
-            store.close()
+        return _Run(steps, store, self.device, blocks, self.report, keep=keep)
 
 
 def run_layerwise(model: nn.Module, image: torch.Tensor, *, block: int | Sequence[int],
@@ -123,20 +186,30 @@ def run_layerwise(model: nn.Module, image: torch.Tensor, *, block: int | Sequenc
 
 
 class _Run:
-    """One pass over the steps; holds the stores' names and the non-image values."""
+    """One pass over the steps; holds the stores' names and the non-image values.
 
-    def __init__(self, steps: list[Step], store: Store, device: torch.device,
-                 block: list[int], report: LayerwiseReport) -> None:  # fmt: skip
+    ``keep``: hold every store after the forward (training: backward reads them again)."""
+
+    def __init__(self, steps: list[Step], store: Store, device: torch.device, block: list[int],
+                 report: LayerwiseReport, keep: bool = False) -> None:  # fmt: skip
         self.steps, self.store, self.device, self.report = steps, store, device, report
-        self.block = block
+        self.block, self.keep = block, keep
+        self.input_grad = False
+        self.reads = functionalise(steps)
         self.by_node = {s.node: s for s in steps}
         self.values: dict[fx.Node, Any] = {}
-        self.names: dict[fx.Node, str] = {}
         self.held: dict[str, int] = {}
-        self.root: dict[fx.Node, fx.Node] = {}
+        self.moments: dict[fx.Node, Moments] = {}
         chains = pointwise_chains(steps)
         self.fused = {steps[i].node: chain for i, chain in chains.items()}
         self.followers = {f.node for chain in chains.values() for f in chain}
+        # A fused chain's values are stored once, under the name of its last node.
+        self.names: dict[fx.Node, str] = {}
+        for s in steps:
+            if s.kind in ("input", *_COMPUTED) and s.node not in self.followers:
+                last = self.fused.get(s.node, [s])[-1]
+                for t in (s, *self.fused.get(s.node, ())):
+                    self.names[t.node] = last.node.name
 
     def run(self, image: torch.Tensor) -> Any:
         last = self._last_reads()
@@ -144,21 +217,35 @@ class _Run:
         for i, step in enumerate(self.steps):
             node = step.node
             if step.kind == "input":
-                self.names[node] = node.name
                 self.store.put(node.name, image)
+                self.hold(node.name, 0)  # the caller's tensor (a copy only on disk)
             elif step.kind == "const":
                 self.values[node] = self._const(step)
             elif step.kind == "meta":
                 self.values[node] = step.value
             elif step.kind == "output":
-                return fx.map_arg(node.args[0], self._whole)
+                return fx.map_arg(node.args[0], lambda a, s=step: self._whole(self.eff(s, a)))
             elif node not in self.followers:
                 self._compute(step)
+            if self.keep:
+                continue
             for name, at in last.items():
                 if at == i and name in self.held:
-                    self.store.free(name)
-                    del self.held[name]
+                    self.release(name)
         raise DataError("the traced network has no output")
+
+    def eff(self, step: Step, node: fx.Node) -> fx.Node:
+        """The node whose value ``step`` reads where its arguments name ``node``."""
+        return self.reads.get(step.node, {}).get(node, node)
+
+    def release(self, name: str) -> None:
+        self.store.free(name)
+        del self.held[name]
+
+    def hold(self, name: str, nbytes: int) -> None:
+        self.held[name] = nbytes
+        total = sum(self.held.values())
+        self.report.peak_store_bytes = max(self.report.peak_store_bytes, total)
 
     def _whole(self, node: fx.Node) -> Any:
         if node not in self.names:
@@ -169,20 +256,16 @@ class _Run:
 
     def _last_reads(self) -> dict[str, int]:
         """Per store: the index of the last step that reads it (the output: never freed)."""
-        root = self.root
-        for s in self.steps:
-            if s.kind in ("input", "pointwise", "local", "norm"):
-                root[s.node] = root[s.images[0]] if s.inplace else s.node
         last: dict[str, int] = {}
         for i, s in enumerate(self.steps):
             at = len(self.steps) if s.kind == "output" else i
-            for a in s.node.all_input_nodes:
-                if a in root:
-                    name = root[a].name
-                    last[name] = max(last.get(name, -1), at)
+            for a in s.images:
+                if a in self.names:
+                    last[self.names[a]] = max(last.get(self.names[a], -1), at)
         return last
 
-    def _value(self, node: fx.Node) -> Any:
+    def value(self, node: fx.Node) -> Any:
+        """A non-image argument on the compute device."""
         v = self.values[node]
         return v.to(self.device) if isinstance(v, torch.Tensor) else v
 
@@ -190,13 +273,13 @@ class _Run:
         node = step.node
         if node.op == "get_attr":
             return step.value
-        args, kwargs = fx.map_arg((node.args, node.kwargs), self._value)
-        return _call(step, args, kwargs)
+        args, kwargs = fx.map_arg((node.args, node.kwargs), self.value)
+        return call(step, args, kwargs)
 
-    def _shape(self, node: fx.Node) -> tuple[int, ...]:
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
         return self.by_node[node].shape
 
-    def _dtype(self, node: fx.Node) -> torch.dtype:
+    def dtype(self, node: fx.Node) -> torch.dtype:
         dtype = self.by_node[node].dtype
         assert dtype is not None
         return dtype
@@ -205,19 +288,11 @@ class _Run:
         node = step.node
         chain = self.fused.get(node, [])
         last = chain[-1] if chain else step
-        if step.inplace and step.kind == "pointwise" and step.shape == self._shape(step.images[0]):
-            self.names[node] = self.names[step.images[0]]
-        else:
-            # A fused chain's values are stored once, under the name its readers look for.
-            name = self.root[last.node].name
-            for s in (step, *chain):
-                self.names[s.node] = name
-            chunks = (*step.shape[:2], *self._node_block(step))
-            self.store.create(name, last.shape, last.dtype, chunks)  # type: ignore[arg-type]
-            self.held[name] = _bytes(last)
-            total = sum(self.held.values())
-            self.report.peak_store_bytes = max(self.report.peak_store_bytes, total)
-        boxes = blocks_of(step.shape[2:], self._node_block(step))
+        name = self.names[node]
+        chunks = (*step.shape[:2], *self.node_block(step))
+        self.store.create(name, last.shape, last.dtype, chunks)  # type: ignore[arg-type]
+        self.hold(name, _bytes(last))
+        boxes = blocks_of(step.shape[2:], self.node_block(step))
         if step.kind == "norm":
             self._norm(step, boxes)
             computed = sum(_volume(b) for b in boxes)
@@ -232,16 +307,23 @@ class _Run:
             self.report.nodes.append(NodeCount(f.node.name, f.kind, plain, plain, len(boxes)))
         log.debug("%s: %s over %d blocks", node.name, step.kind, len(boxes))
 
-    def _node_block(self, step: Step) -> list[int]:
+    def node_block(self, step: Step) -> list[int]:
         return kernels.step_block(step, self.block, self.image_spatial)
 
-    def _read(self, node: fx.Node, box: Box) -> torch.Tensor:
-        return read_block(self.store, self.names[node], self._shape(node), box, self.device,
-                          self._dtype(node))  # fmt: skip
+    def read(self, node: fx.Node, box: Box) -> torch.Tensor:
+        return read_block(self.store, self.names[node], self.shape(node), box, self.device,
+                          self.dtype(node))  # fmt: skip
+
+    def read_window(self, step: Step, box: Box) -> tuple[torch.Tensor, Box]:
+        """The input window of the local ``step`` for its output block ``box``."""
+        source = step.images[0]
+        window = kernels.window_of(step, box)
+        x = read_window(self.store, self.names[source], self.shape(source), window,
+                        step.geometry.fill, self.device, self.dtype(source))  # type: ignore[union-attr]  # fmt: skip
+        return x, window
 
     def _write(self, step: Step, box: Box, y: torch.Tensor) -> None:
-        for f in self.fused.get(step.node, ()):
-            y = self._apply(f, {f.images[0]: y})
+        y = self.chain(step, y)
         want = tuple(b - a for a, b in box)
         if tuple(y.shape[2:]) != want or tuple(y.shape[:2]) != step.shape[:2]:
             raise DataError(
@@ -250,27 +332,39 @@ class _Run:
             )
         self.store.write(self.names[step.node], box, y)
 
+    def chain(self, step: Step, y: torch.Tensor) -> torch.Tensor:
+        """The pointwise steps fused into ``step``, applied to its block ``y``."""
+        for f in self.fused.get(step.node, ()):
+            if f.inplace and y.requires_grad and y.is_leaf:
+                y = y.clone()  # an in-place activation on a window autograd differentiates
+            y = self.apply(f, {f.images[0]: y})
+        return y
+
     def _pointwise(self, step: Step, box: Box) -> int:
-        self._write(step, box, self._apply(step, {a: self._read(a, box) for a in step.images}))
+        self._write(step, box, self.apply(step, {a: self.read(a, box) for a in step.images}))
         return _volume(box)
 
-    def _apply(self, step: Step, blocks: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
-        """A pointwise ``step`` on the blocks of its image inputs."""
+    def apply(self, step: Step, blocks: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+        """A pointwise ``step`` on the blocks of the image values it reads."""
         node = step.node
         args, kwargs = fx.map_arg(
-            (node.args, node.kwargs), lambda a: blocks[a] if a in blocks else self._value(a)
+            (node.args, node.kwargs),
+            lambda a: blocks[self.eff(step, a)] if self.eff(step, a) in blocks else self.value(a),
         )
-        return _call(step, args, kwargs)
+        return call(step, args, kwargs)
+
+    def local(self, step: Step, x: torch.Tensor, box: Box, window: Box) -> torch.Tensor:
+        """The local ``step``'s output block ``box`` from its input window ``x``."""
+        source = step.images[0]
+        node = step.node
+        args, kwargs = fx.map_arg(
+            (node.args, node.kwargs), lambda a: x if self.eff(step, a) is source else self.value(a)
+        )
+        return kernels.local_block(step, x, box, window, args, kwargs)
 
     def _local(self, step: Step, box: Box) -> int:
-        source = step.images[0]
-        window = kernels.window_of(step, box)
-        x = read_window(self.store, self.names[source], self._shape(source), window,
-                        step.geometry.fill, self.device, self._dtype(source))  # type: ignore[union-attr]  # fmt: skip
-        node = step.node
-        args, kwargs = fx.map_arg((node.args, node.kwargs),
-                                  lambda a: x if a is source else self._value(a))  # fmt: skip
-        self._write(step, box, kernels.local_block(step, x, box, window, args, kwargs))
+        x, window = self.read_window(step, box)
+        self._write(step, box, self.local(step, x, box, window))
         return kernels.computed_voxels(step, box, window)
 
     def _norm(self, step: Step, boxes: list[Box]) -> None:
@@ -278,15 +372,18 @@ class _Run:
         assert m is not None
         moments: Moments | None = None
         for box in boxes:
-            part = block_moments(m, self._read(source, box))
+            part = block_moments(m, self.read(source, box))
             moments = part if moments is None else moments.merge(part)
         assert moments is not None
         update_running(m, moments, step.shape[0])
+        if self.keep:
+            self.moments[step.node] = moments
         for box in boxes:
-            self._write(step, box, normalise_block(m, self._read(source, box), moments))
+            self._write(step, box, normalise_block(m, self.read(source, box), moments))
 
 
-def _call(step: Step, args: Any, kwargs: Any) -> Any:
+def call(step: Step, args: Any, kwargs: Any) -> Any:
+    """``step``'s layer or call on ``args``."""
     node = step.node
     if node.op == "call_module":
         assert step.module is not None

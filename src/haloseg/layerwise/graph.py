@@ -2,17 +2,21 @@
 
 ``torch.fx`` traces the module with every layer the registry knows (convolutions, norms,
 pooling, up-sampling, activations) kept whole as one ``call_module`` node; containers and
-unregistered modules with children are traced through. One run on the meta device gives
-every node's shape. Each node then becomes a ``Step``: the input, a layer or call computed
-block by block (``pointwise``, ``local`` with the registry's per-axis rules, ``norm`` with
-statistics over the whole image), a value that depends on the image's shape only
-(``meta``), or a constant (``const``, evaluated for real once).
+unregistered modules with children are traced through. While tracing, every value also runs
+on the meta device, so ``.shape``, ``.size()``, ``.dim()`` and ``.ndim`` answer with the
+image's real sizes and Python control flow on shapes (MONAI's padding of odd-sized skips)
+takes the branch it takes for that image: the graph is specific to one input shape. Each node
+then becomes a ``Step``: the input, a layer or call computed block by block (``pointwise``,
+``local`` with the registry's per-axis rules, ``norm`` with statistics over the whole image),
+a value that depends on the image's shape only (``meta``), or a constant (``const``,
+evaluated for real once).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,10 +62,56 @@ class Step:
     """A meta step's value."""
 
 
+_UNKNOWN: Any = object()
+"""The value of a proxy that did not run on the meta device: it stays symbolic."""
+
+
+class _Unknown(Exception):
+    """A node's argument has no meta value."""
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy that knows its value on the meta device and answers shape queries with it."""
+
+    tracer: _Tracer
+
+    def _tensor(self) -> torch.Tensor | None:
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        return value if isinstance(value, torch.Tensor) else None
+
+    @property
+    def shape(self) -> Any:
+        t = self._tensor()
+        return t.shape if t is not None else fx.proxy.Attribute(self, "shape")
+
+    @property
+    def ndim(self) -> Any:
+        t = self._tensor()
+        return t.ndim if t is not None else fx.proxy.Attribute(self, "ndim")
+
+    def size(self, *args: Any, **kwargs: Any) -> Any:
+        t = self._tensor()
+        return t.size(*args, **kwargs) if t is not None else self._call("size", args, kwargs)
+
+    def dim(self) -> Any:
+        t = self._tensor()
+        return t.dim() if t is not None else self._call("dim", (), {})
+
+    def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        return self.tracer.create_proxy("call_method", method, (self, *args), kwargs)
+
+
 class _Tracer(fx.Tracer):
-    def __init__(self, spatial_dims: int) -> None:
+    """Keeps registered layers whole and runs every new node on the meta device."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype) -> None:
         super().__init__()
-        self.n = spatial_dims
+        self.n = len(shape) - 2
+        self.image = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        self.values: dict[fx.Node, Any] = {}
+        self.failure: str | None = None
+        """Why the first node that did not run on the meta device failed."""
+        self._evaluating = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         try:
@@ -72,24 +122,132 @@ class _Tracer(fx.Tracer):
             return next(m.children(), None) is None
         return found[1].geometry(m, self.n).kind != "composite"
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
 
-def trace(model: nn.Module, spatial_dims: int) -> fx.GraphModule:
-    """``model`` as an fx graph whose registered layers are ``call_module`` nodes."""
-    tracer = _Tracer(spatial_dims)
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple,
+        kwargs: dict,
+        name: str | None = None,
+        type_expr: Any = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder":
+            # The image, then any later input's default (left unknown without one).
+            first = not any(n.op == "placeholder" for n in self.values)
+            value = self.image if first else (args[0] if args else _UNKNOWN)
+        else:
+            value = self._evaluate(kind, target, args, kwargs)
+        if value is not _UNKNOWN:
+            self.values[proxy.node] = value
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The node's value on the meta device, or ``_UNKNOWN`` where it does not run there
+        (a data-dependent operation): the proxy stays symbolic, and the trace or the meta run
+        of the finished graph refuses the model if that matters."""
+        try:
+            args, kwargs = fx.node.map_aggregate((args, kwargs), self._meta_arg)
+            with self._untraced():
+                if kind == "get_attr":
+                    value = _fetch(self.root, str(target))
+                    return _on_meta(value) if isinstance(value, torch.Tensor) else value
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                if kind == "call_module":
+                    m = self.root.get_submodule(str(target))
+                    return torch.func.functional_call(m, _meta_state(m), args, kwargs)
+        except _Unknown:
+            pass  # an argument is unknown: the failure was recorded where it arose
+        except Exception as e:
+            if self.failure is None:
+                shape = tuple(self.image.shape)
+                self.failure = f"{kind} '{target}' fails on shape {shape}: {_first_line(e)}"
+        return _UNKNOWN
+
+    def _meta_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            value = self.values.get(a.node, _UNKNOWN)
+            if value is _UNKNOWN:
+                raise _Unknown(a.node)
+            return value
+        return _on_meta(a) if isinstance(a, torch.Tensor) else a
+
+    @contextmanager
+    def _untraced(self) -> Iterator[None]:
+        """Module calls and attributes behave as outside tracing (fx patches them while it
+        traces): evaluating a node must not record nodes."""
+        before, self._evaluating = self._evaluating, True
+        try:
+            yield
+        finally:
+            self._evaluating = before
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple,
+                    kwargs: dict) -> Any:  # fmt: skip
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+@contextmanager
+def _proxies_are_tensors() -> Iterator[None]:
+    """``torch.jit.isinstance`` (MONAI's test for an optional skip tensor) answers for a
+    proxy's meta value, not for the proxy: otherwise tracing drops the branch."""
+    original = torch.jit.isinstance
+
+    def isinstance_(obj: Any, target_type: Any) -> bool:
+        if isinstance(obj, _ShapeProxy) and (t := obj._tensor()) is not None:
+            return original(t, target_type)
+        return original(obj, target_type)
+
+    torch.jit.isinstance = isinstance_
+    try:
+        yield
+    finally:
+        torch.jit.isinstance = original
+
+
+def trace(model: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> fx.GraphModule:
+    """``model`` as an fx graph whose registered layers are ``call_module`` nodes, traced for
+    an image of ``shape`` (N, C, *spatial) and ``dtype``: branches on shapes follow it."""
+    tracer = _Tracer(shape, dtype)
     if layer_entry(model) is not None and tracer.is_leaf_module(model, ""):
         # A single registered layer: fx would trace its own forward, not keep it whole.
         model = nn.Sequential(model)
     try:
-        graph = tracer.trace(model)
+        with _proxies_are_tensors():
+            graph = tracer.trace(model)
     except UnsupportedLayerError:
         raise
     except Exception as e:  # fx refuses data-dependent control flow with its own errors
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = _first_line(e)
+        if tracer.failure is not None:  # the node left symbolic is the likelier cause
+            reason += f"; earlier, {tracer.failure}"
         raise UnsupportedLayerError(
             f"{type(model).__name__} cannot be traced by torch.fx ({reason}); layer-wise "
-            "execution needs a forward without control flow on tensor values or shapes"
+            "execution needs a forward without control flow on tensor values"
         ) from None
     return fx.GraphModule(tracer.root, graph)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _meta_state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,7 +278,7 @@ class _MetaRun(fx.Interpreter):
 
     def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
         value = super().get_attr(target, args, kwargs)
-        return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+        return _on_meta(value) if isinstance(value, torch.Tensor) else value
 
 
 def _where(node: fx.Node) -> str:
@@ -215,15 +373,17 @@ def _check_pointwise(node: fx.Node, step: Step, inputs: Sequence[torch.Tensor]) 
 
 
 def plan_steps(model: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> list[Step]:
-    """The steps of ``model`` on an image of ``shape`` (N, C, *spatial), in graph order."""
+    """The steps of ``model`` on an image of ``shape`` (N, C, *spatial), in graph order, each
+    step's ``images`` naming the values it reads once in-place operations are taken as new
+    values (``haloseg.layerwise.alias``)."""
     n = len(shape) - 2
-    gm = trace(model, n)
+    gm = trace(model, shape, dtype)
     run = _MetaRun(gm)
     x = torch.empty(tuple(shape), dtype=dtype, device="meta")
     try:
         traced = run.run(x)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = _first_line(e)
         raise UnsupportedLayerError(
             f"{type(model).__name__} as traced by torch.fx does not run on shape "
             f"{tuple(shape)} ({reason}); its forward likely branches on tensor types or "
@@ -259,6 +419,9 @@ def plan_steps(model: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> li
         images = [a for a in node.all_input_nodes if isinstance(values.get(a), torch.Tensor)
                   and a in from_image]  # fmt: skip
         steps.append(_image_step(node, values, images, gm, n))
+    from haloseg.layerwise.alias import functionalise  # it reads Steps: imported late
+
+    functionalise(steps)
     return steps
 
 
@@ -278,8 +441,8 @@ def _check_same_as_eager(model: nn.Module, x: torch.Tensor, traced: Any) -> None
         )
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
     for part in target.split("."):
         value = getattr(value, part)
     return value

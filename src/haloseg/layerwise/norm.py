@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Moments", "block_moments", "normalise_block", "update_running"]
+__all__ = [
+    "Moments",
+    "block_moments",
+    "normalise",
+    "normalise_block",
+    "statistics_gradient",
+    "update_running",
+]
 
 
 @dataclass
@@ -71,16 +78,34 @@ def _per_channel(m: nn.Module, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 
 def normalise_block(m: nn.Module, x: torch.Tensor, moments: Moments) -> torch.Tensor:
-    """``x`` normalised with the whole image's ``moments``, then the layer's affine map:
-    ``(x - mean) * scale + bias`` in ``x``'s dtype, as the layer computes it, with ``scale``
-    (1/std times the weight) formed in float64."""
-    mean = _per_channel(m, moments.mean, x).to(x.dtype)
-    scale = _per_channel(m, (moments.var + m.eps).rsqrt(), x)
+    """``x`` normalised with the whole image's ``moments``, then the layer's affine map."""
+    return normalise(m, x, moments.mean, moments.var)
+
+
+def normalise(m: nn.Module, x: torch.Tensor, mean: torch.Tensor,
+              var: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``(x - mean) * scale + bias`` in ``x``'s dtype, as the layer computes it, with
+    ``scale`` (1/std times the weight) formed in float64 from the per-row ``mean`` and
+    biased ``var``; differentiable in ``x``, ``mean``, ``var`` and the layer's affine map."""
+    mu = _per_channel(m, mean, x).to(x.dtype)
+    scale = _per_channel(m, (var + m.eps).rsqrt(), x)
     if getattr(m, "weight", None) is None:
-        return (x - mean) * scale.to(x.dtype)
+        return (x - mu) * scale.to(x.dtype)
     shape = (1, -1, *([1] * (x.dim() - 2)))
-    scale = (scale * m.weight.detach().double().view(shape)).to(x.dtype)
-    return torch.addcmul(m.bias.detach().to(x.dtype).view(shape), x - mean, scale)
+    scale = (scale * m.weight.double().view(shape)).to(x.dtype)
+    return torch.addcmul(m.bias.to(x.dtype).view(shape), x - mu, scale)
+
+
+def statistics_gradient(m: nn.Module, x: torch.Tensor, moments: Moments, d_mean: torch.Tensor,
+                        d_var: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The part of the input gradient of the block ``x`` that flows through the whole image's
+    statistics, given the gradients ``d_mean``, ``d_var`` of the loss with respect to them:
+    ``d_mean / n + d_var * 2 (x - mean) / n`` per row of ``n`` voxels."""
+    n = moments.count
+    mu = _per_channel(m, moments.mean, x)
+    a = _per_channel(m, d_mean / n, x)
+    b = _per_channel(m, d_var * (2.0 / n), x)
+    return (a + b * (x.double() - mu)).to(x.dtype)
 
 
 def update_running(m: nn.Module, moments: Moments, samples: int) -> None:

@@ -45,6 +45,15 @@ class Store:
     def write(self, name: str, box: Box, block: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def add(self, name: str, box: Box, block: torch.Tensor) -> None:
+        """Add ``block`` into the block ``box`` of ``name`` (gradients from several readers)."""
+        self.write(name, box, self.read(name, box) + block.detach().cpu())
+
+    def zeros(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+              chunks: Sequence[int]) -> None:  # fmt: skip
+        """A new array of zeros (a gradient before any reader has added to it)."""
+        raise NotImplementedError
+
     def whole(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -66,8 +75,15 @@ class MemoryStore(Store):
                chunks: Sequence[int]) -> None:  # fmt: skip
         self.arrays[name] = torch.empty(tuple(shape), dtype=dtype, pin_memory=self.pin)
 
+    def zeros(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+              chunks: Sequence[int]) -> None:  # fmt: skip
+        self.arrays[name] = torch.zeros(tuple(shape), dtype=dtype, pin_memory=self.pin)
+
     def put(self, name: str, tensor: torch.Tensor) -> None:
         self.arrays[name] = tensor.cpu()
+
+    def add(self, name: str, box: Box, block: torch.Tensor) -> None:
+        self.arrays[name][_index(box)].add_(block.detach().to("cpu", non_blocking=False))
 
     def read(self, name: str, box: Box) -> torch.Tensor:
         return self.arrays[name][_index(box)]
@@ -100,6 +116,10 @@ class ZarrStore(Store):
         self.group.create_array(name, shape=tuple(shape), dtype=np_dtype,
                                 chunks=tuple(chunks), fill_value=0)  # fmt: skip
         self.dtypes[name] = dtype
+
+    def zeros(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+              chunks: Sequence[int]) -> None:  # fmt: skip
+        self.create(name, shape, dtype, chunks)  # zarr's fill value is 0
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().cpu()

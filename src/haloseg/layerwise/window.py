@@ -20,7 +20,7 @@ from haloseg.errors import DecompositionError
 from haloseg.geometry import Box
 from haloseg.layerwise.store import Store
 
-__all__ = ["blocks_of", "node_block", "read_block", "read_window"]
+__all__ = ["add_window", "blocks_of", "node_block", "own_box", "read_block", "read_window"]
 
 
 def node_block(block: Sequence[int], image: Sequence[int], node: Sequence[int]) -> list[int]:
@@ -88,28 +88,49 @@ def _runs(lo: int, hi: int, size: int, fill: float | str) -> list[_Run]:
     return runs
 
 
+def _pieces(shape: Sequence[int], window: Box, fill: float | str):  # type: ignore[no-untyped-def]
+    """Per piece of the window: where it lies in the window, the image box it shows (None:
+    the fill) and the spatial dims it shows mirrored."""
+    axes = [_runs(lo, hi, n, fill) for (lo, hi), n in zip(window, shape[2:], strict=True)]
+    for runs in itertools.product(*axes):
+        where = (slice(None), slice(None), *(slice(r.start, r.start + r.length) for r in runs))
+        if any(r.src is None for r in runs):
+            yield where, None, []
+            continue
+        box = tuple((r.src, r.src + r.length) for r in runs)  # type: ignore[operator]
+        yield where, box, [2 + d for d, r in enumerate(runs) if r.reverse]
+
+
 def read_window(
     store: Store, name: str, shape: Sequence[int], window: Box, fill: float | str,
     device: torch.device, dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
     """A new tensor on ``device``: the window ``window`` of the node ``name`` of ``shape``
     (N, C, *spatial), voxels past the image given by ``fill``."""
-    spatial = shape[2:]
     lens = [hi - lo for lo, hi in window]
     out = torch.empty((*shape[:2], *lens), dtype=dtype, device=device)
-    axes = [_runs(lo, hi, n, fill) for (lo, hi), n in zip(window, spatial, strict=True)]
-    for runs in itertools.product(*axes):
-        where = (slice(None), slice(None), *(slice(r.start, r.start + r.length) for r in runs))
-        if any(r.src is None for r in runs):
+    for where, box, flips in _pieces(shape, window, fill):
+        if box is None:
             out[where].fill_(float(fill))  # type: ignore[arg-type]
             continue
-        box = tuple((r.src, r.src + r.length) for r in runs)  # type: ignore[operator]
         part = store.read(name, box)
-        flips = [2 + d for d, r in enumerate(runs) if r.reverse]
         if flips:
             part = part.flip(flips)
         out[where].copy_(part, non_blocking=True)
     return out
+
+
+def add_window(store: Store, name: str, shape: Sequence[int], window: Box, fill: float | str,
+               grad: torch.Tensor) -> None:  # fmt: skip
+    """Add ``grad``, the gradient of a window ``read_window`` read, into the gradient store
+    ``name``: each voxel's gradient goes to the image voxel it showed (its mirror for
+    'reflect', the edge for 'replicate', added as often as it was shown); the constant
+    fill's gradient is dropped, as the layer's own padding drops it."""
+    for where, box, flips in _pieces(shape, window, fill):
+        if box is None:
+            continue
+        part = grad[where]
+        store.add(name, box, part.flip(flips) if flips else part)
 
 
 def read_block(
@@ -118,6 +139,9 @@ def read_block(
 ) -> torch.Tensor:  # fmt: skip
     """The block ``box`` of an output of ``shape`` from a node that may broadcast (size 1 along
     an axis), as a new tensor on ``device``."""
-    spatial = shape[2:]
-    own = tuple((0, 1) if n == 1 else r for r, n in zip(box, spatial, strict=True))
-    return read_window(store, name, shape, own, 0.0, device, dtype)
+    return read_window(store, name, shape, own_box(shape, box), 0.0, device, dtype)
+
+
+def own_box(shape: Sequence[int], box: Box) -> Box:
+    """``box`` of an output read by a node that may broadcast: (0, 1) along its size-1 axes."""
+    return tuple((0, 1) if n == 1 else r for r, n in zip(box, shape[2:], strict=True))

@@ -181,6 +181,10 @@ class Subset:
 
 def _open_dataset(cfg: DataConfig) -> Dataset:
     ignore = cfg.ignore_label
+    if cfg.kind == "synthetic" and cfg.task != "ellipses":
+        from haloseg.data.context import ContextDataset
+
+        return ContextDataset(cfg.task, cfg.shape, cfg.num_images, seed=cfg.seed, noise=cfg.noise)
     if cfg.kind == "synthetic":
         from haloseg.data.synthetic import EllipseDataset
 
@@ -250,6 +254,10 @@ def build_model(
         freeze_batch_norm(model)
     if cfg.parallel.mode == "tiles":
         return build_tile_model(cfg, model, layout)
+    if cfg.memory.executor == "layerwise":
+        from haloseg.training.layerwise import build_layerwise_model
+
+        return build_layerwise_model(cfg, model, dataset, layout, dtype), model
     if layout.pipeline is not None:  # converted and cut into stages by haloseg.pipeline
         return model, model
     spatial_parallel(model, layout.dec, sync_gradients=layout.mesh is None)
