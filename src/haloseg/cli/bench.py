@@ -252,8 +252,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     output_args(bpipe)
     bpipe.set_defaults(run=_bench_pipeline)
     tune_cli.add_bench_parser(bsub)
+    from haloseg.cli.bench_accuracy import add_accuracy_parser
     from haloseg.cli.bench_layerwise import add_layerwise_parser
     from haloseg.cli.bench_tiles import add_tiles_parser
 
     add_tiles_parser(bsub)
     add_layerwise_parser(bsub)
+    add_accuracy_parser(bsub)
