@@ -64,40 +64,48 @@ def test_both_classes_kept_inside_the_image(task, dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_size_large_objects_exceed_half_a_patch_small_ones_fit_a_quarter(dims):
+def test_size_squares_large_exceeds_half_the_side_small_fill_a_quarter(dims):
     ds, side = _dataset("size", dims), min(SHAPES[dims])
     inside = {1: [], 2: []}
     for index in range(IMAGES):
         image, label = _whole(ds, index)
         objects = _objects(label)
         assert [cls for cls, _, _ in objects].count(2) == 1
+        assert [cls for cls, _, _ in objects].count(1) >= 1
         for cls, mask, box in objects:
             extent = [s.stop - s.start for s in box]
+            assert mask[box].all()  # a square or cube: it fills its bounding box
+            assert max(extent) - min(extent) <= 1, extent
             if cls == 2:
                 assert min(extent) > side / 2, extent
-            else:
-                assert max(extent) < side / 4, extent
+            else:  # a quarter-side patch fits inside: its interior looks like the large one's
+                assert side / 4 <= min(extent) and max(extent) < side / 2, extent
             inside[cls].append(image[0][mask])
-    # same intensity and texture: only the size tells the classes apart
+    # same intensity and texture: only the extent tells the classes apart
     means = [np.concatenate(inside[c]).mean() for c in (1, 2)]
     stds = [np.concatenate(inside[c]).std() for c in (1, 2)]
     assert abs(means[0] - means[1]) < 0.05 and abs(stds[0] - stds[1]) < 0.05
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_marker_bar_side_sets_the_class_of_every_object(dims):
+def test_marker_frame_level_sets_the_class_of_every_object(dims):
     ds, side = _dataset("marker", dims), min(SHAPES[dims])
+    width = max(1, round(side / 32))
     inside = {1: [], 2: []}
     for index in range(IMAGES):
         image, label = _whole(ds, index)
-        ends = [image[0][..., 0].mean(), image[0][..., -1].mean()]
-        bar = int(np.argmax(ends))  # read off the image: 0 low end, 1 high end of last axis
-        assert ends[bar] > 1.5 and ends[1 - bar] < 0.5, ends
+        frame = np.zeros(ds.shape, dtype=bool)
+        for d in range(dims):
+            frame[(slice(None),) * d + (np.r_[:width, -width:0],)] = True
+        level = image[0][frame].mean()  # read off the image: bright 2 or dark -1
+        assert abs(level - 2) < 0.1 or abs(level + 1) < 0.1, level
+        cls = 2 if level > 0.5 else 1
         objects = label[label > 0]
-        assert objects.size and (objects == 1 + bar).all()
-        far = max(1, side // 16)  # the bar is background and objects keep away from it
-        assert not label[..., :far].any() and not label[..., -far:].any()
-        inside[1 + bar].append(image[0][label > 0])
+        assert objects.size and (objects == cls).all()
+        far = width + max(1, side // 16)  # the frame is background, objects keep away from it
+        for d in range(dims):
+            assert not label.take(np.r_[:far, -far:0], axis=d).any()
+        inside[cls].append(image[0][label > 0])
     assert inside[1] and inside[2]
     means = [np.concatenate(inside[c]).mean() for c in (1, 2)]
     stds = [np.concatenate(inside[c]).std() for c in (1, 2)]

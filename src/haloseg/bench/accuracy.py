@@ -91,8 +91,9 @@ class AccuracyConfig:
     """Down-samplings of the U-Net (the small preset's 4: a receptive field 189 voxels wide)."""
     base_channels: int = 8
     """Channels at the U-Net's first level (the small preset's 8)."""
-    norm: str = "batch"
-    """batch | instance | group: the U-Net's normalisation."""
+    norm: str = "instance"
+    """instance | batch | group: the U-Net's normalisation. Instance, as nnU-Net: batch norm
+    over one whole image per step learns statistics that do not hold at inference."""
     lr: float = 3e-3
     """Peak learning rate of AdamW (haloseg train's default)."""
     weight_decay: float = 1e-4

@@ -143,7 +143,7 @@ def add_accuracy_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", type=float, default=0.3, help="image noise level")
     p.add_argument("--depth", type=int, default=4, help="down-samplings of the U-Net (its "
                    "receptive field, 189 voxels wide at 4, should span the image)")  # fmt: skip
-    p.add_argument("--norm", default="batch", choices=["batch", "instance", "group"])
+    p.add_argument("--norm", default="instance", choices=["batch", "instance", "group"])
     p.add_argument("--threads", type=int, help="torch threads of the one-process arms "
                    "(default: every core)")  # fmt: skip
     p.add_argument("--plot", help="write the figure (Dice against patch side) to this PNG")

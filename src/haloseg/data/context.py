@@ -1,16 +1,18 @@
 """Synthetic tasks whose labels need context beyond a training patch, and a local control.
 
-For the accuracy study of whole-image training (issue 16). With ``S`` the shortest side, all
-objects are discs (2-D) or balls (3-D) of intensity 1 on background 0, plus Gaussian noise:
+For the accuracy study of whole-image training. With ``S`` the shortest side, objects have
+intensity 1 on background 0, plus Gaussian noise:
 
-- ``size``: one large object (radius S/3.5..S/3, wider than an S/2 patch) is class 2, the
-  small ones (radius S/20..S/14) class 1; same intensity and texture, so a patch inside the
-  large object sees only its uniform interior.
-- ``marker``: objects of radius S/12, all of one class set by a bar of intensity 2, S/32 thick,
-  along the low (class 1) or the high (class 2) end of the last axis; the bar is background
-  and the objects keep away from it.
-- ``control``: objects of radius S/12, class 1 smooth, class 2 striped (a sinusoid of period
-  4..6 voxels along a random direction) at the same mean intensity: a small patch suffices.
+- ``size``: axis-aligned squares (2-D) or cubes (3-D). One large one (side 0.52..0.6 S, wider
+  than an S/2 patch) is class 2, the small ones (side S/4..S/3.2, at least an S/4 patch) are
+  class 1. Interiors, edges and corners look the same in both: only a view of the whole
+  object tells its class.
+- ``marker``: discs or balls of radius S/12, all of one class set by a frame S/32 thick along
+  every image border: bright (intensity 2) for class 2, dark (-1) for class 1. The frame is
+  background and the objects keep S/16 away from it.
+- ``control``: discs or balls of radius S/12, class 1 smooth, class 2 striped (a sinusoid of
+  period 4..6 voxels along a random direction) at the same mean intensity: a small patch
+  suffices.
 
 As in :mod:`haloseg.data.synthetic`, every voxel is a pure function of the seed, the sample
 index and its global coordinates, so ``read(index, box)`` is bit-identical to that box of the
@@ -19,6 +21,7 @@ whole image, at any size.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -34,12 +37,13 @@ __all__ = ["CONTEXT_MIN_SIDE", "CONTEXT_TASKS", "ContextDataset"]
 
 CONTEXT_TASKS = ("size", "marker", "control")
 CONTEXT_MIN_SIDE = 32
-"""Shortest image side the tasks allow (a small object is S/20 voxels wide at the least)."""
-_OBJECTS = {"size": (4, 7), "marker": (3, 6), "control": (4, 8)}
-"""Objects per image (min, max) by default; for ``size`` one of them is the large one."""
-_SMALL, _LARGE, _MEDIUM = (1 / 20, 1 / 14), (1 / 3.5, 1 / 3), 1 / 12
-"""Radii as fractions of the shortest side."""
-_BAR_LEVEL, _BAR_WIDTH = 2.0, 1 / 32
+"""Shortest image side the tasks allow (the frame is S/32 voxels thick at the least)."""
+_OBJECTS = {"size": (3, 5), "marker": (3, 6), "control": (4, 8)}
+"""Objects per image (min, max) by default; for ``size`` one of them is the large one (the
+small ones that find no room are left out)."""
+_SMALL, _LARGE, _MEDIUM = (1 / 8, 1 / 6.4), (0.26, 0.3), 1 / 12
+"""Half-sides (``size``) and radii as fractions of the shortest side."""
+_FRAME_LEVEL, _FRAME_WIDTH = {1: -1.0, 2: 2.0}, 1 / 32
 _STRIPE_AMPLITUDE, _STRIPE_PERIOD = 0.5, (4.0, 6.0)
 _TRIES = 200
 
@@ -47,7 +51,9 @@ _TRIES = 200
 class _Ball(NamedTuple):
     centre: np.ndarray
     radius: float
+    """Radius of a ball, half the side of a cube."""
     cls: int
+    cube: bool = False
     wave: np.ndarray | None = None
     """Wave vector of the stripes (radians per voxel), None for a smooth object."""
     phase: float = 0.0
@@ -114,29 +120,34 @@ class ContextDataset:
         """(noise-free intensity, label) of ``box`` of sample ``index``."""
         check_index(index, self.num_images, f"{self.task} task")
         check_box(box, self.shape, self.info(index).name)
-        balls, bar = self._layout(index)
+        balls, frame = self._layout(index)
         level = np.zeros([hi - lo for lo, hi in box], dtype=np.float64)
         label = np.zeros(level.shape, dtype=np.int64)
-        if bar is not None:
-            level[_bar_window(bar, box, self.shape)] = _BAR_LEVEL
+        if frame is not None:
+            level[_frame_mask(box, self.shape)] = _FRAME_LEVEL[frame]
         for ball in balls:
             window = _ball_window(ball, box)
             if window is None:
                 continue
             points = _voxel_centres(window, box)
-            inside = sum((p - c) ** 2 for p, c in zip(points, ball.centre)) <= ball.radius**2
+            if ball.cube:
+                inside = functools.reduce(
+                    np.logical_and, [abs(p - c) <= ball.radius for p, c in zip(points, ball.centre)]
+                )
+            else:
+                inside = sum((p - c) ** 2 for p, c in zip(points, ball.centre)) <= ball.radius**2
             label[window][inside] = ball.cls
             level[window][inside] = _ball_level(ball, points, inside.shape)[inside]
         return level, label
 
     def _layout(self, index: int) -> tuple[list[_Ball], int | None]:
-        """The objects of sample ``index`` and, for ``marker``, the bar's side (0 low, 1 high)."""
+        """The objects of sample ``index`` and, for ``marker``, the class the frame sets."""
         rng = np.random.default_rng([self.seed, index, 1 + CONTEXT_TASKS.index(self.task)])
         side = min(self.shape)
         count = int(rng.integers(self.objects[0], self.objects[1] + 1))
         low, high = np.ones(self.spatial_dims), np.array(self.shape, dtype=np.float64) - 1
-        gap, bar = max(2.0, side / 32), None
-        if self.task == "size":
+        gap, frame, cube = max(2.0, side / 32), None, self.task == "size"
+        if cube:
             radii = [rng.uniform(*_LARGE) * side] + [
                 rng.uniform(*_SMALL) * side for _ in range(count - 1)
             ]
@@ -144,23 +155,29 @@ class ContextDataset:
         else:
             radii, classes = [_MEDIUM * side] * count, [int(c) for c in rng.integers(1, 3, count)]
         if self.task == "marker":
-            bar = int(rng.integers(2))
-            classes = [1 + bar] * count
-            width = _bar_width(self.shape)
-            low[-1], high[-1] = width + side / 16, self.shape[-1] - width - side / 16
+            frame = int(rng.integers(1, 3))
+            classes = [frame] * count
+            keep = _frame_width(self.shape) + side / 16
+            low, high = low + keep, high - keep
         balls: list[_Ball] = []
         for radius, cls in zip(radii, classes, strict=True):
-            centre = _free_centre(rng, radius, low, high, balls, gap)
+            if cube and not balls:  # the large one near a corner, leaving room for the rest
+                corner = rng.integers(2, size=self.spatial_dims) * 0.9
+                reach = high - low - 2 * radius
+                centre = low + radius + reach * (corner + rng.uniform(0, 0.1, self.spatial_dims))
+            else:
+                centre = _free_centre(rng, radius, low, high, balls, gap, cube)
             if centre is None:
                 continue
             if cls == 2 and self.task == "control":
                 direction = rng.normal(size=self.spatial_dims)
                 period = rng.uniform(*_STRIPE_PERIOD)
                 wave = 2 * math.pi * direction / np.linalg.norm(direction) / period
-                balls.append(_Ball(centre, radius, cls, wave, rng.uniform(0, 2 * math.pi)))
+                phase = rng.uniform(0, 2 * math.pi)
+                balls.append(_Ball(centre, radius, cls, wave=wave, phase=phase))
             else:
-                balls.append(_Ball(centre, radius, cls))
-        return balls, bar
+                balls.append(_Ball(centre, radius, cls, cube=cube))
+        return balls, frame
 
 
 def _free_centre(
@@ -170,14 +187,24 @@ def _free_centre(
     high: np.ndarray,
     balls: list[_Ball],
     gap: float,
+    cube: bool,
 ) -> np.ndarray | None:
-    """A centre that keeps a ball of ``radius`` inside ``[low, high]`` and ``gap`` voxels
-    from each of ``balls``; None when ``_TRIES`` draws all collide."""
+    """A centre that keeps a ball (or cube) of ``radius`` inside ``[low, high]`` and ``gap``
+    voxels from each of ``balls``; None when ``_TRIES`` draws all collide."""
     for _ in range(_TRIES):
         centre = rng.uniform(low + radius, high - radius)
-        if all(np.linalg.norm(centre - b.centre) >= radius + b.radius + gap for b in balls):
+        if all(_apart(centre, radius, b, gap, cube) for b in balls):
             return centre
     return None
+
+
+def _apart(centre: np.ndarray, radius: float, ball: _Ball, gap: float, cube: bool) -> bool:
+    """Whether an object at ``centre`` keeps ``gap`` voxels from ``ball`` (cubes: along an
+    axis, balls: along the line of centres)."""
+    reach = radius + ball.radius + gap
+    if cube:
+        return bool((abs(centre - ball.centre) >= reach).any())
+    return bool(np.linalg.norm(centre - ball.centre) >= reach)
 
 
 def _ball_window(ball: _Ball, box: Box) -> tuple[slice, ...] | None:
@@ -209,14 +236,17 @@ def _ball_level(ball: _Ball, points: list[np.ndarray], shape: tuple[int, ...]) -
     return np.broadcast_to(1.0 + _STRIPE_AMPLITUDE * np.sin(angle), shape)
 
 
-def _bar_width(shape: tuple[int, ...]) -> int:
-    return max(1, round(min(shape) * _BAR_WIDTH))
+def _frame_width(shape: tuple[int, ...]) -> int:
+    return max(1, round(min(shape) * _FRAME_WIDTH))
 
 
-def _bar_window(bar: int, box: Box, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """Local slices of ``box`` covered by the bar at the low (0) or high (1) end of the last
-    axis."""
-    width, (lo, hi) = _bar_width(shape), box[-1]
-    start, stop = (0, width) if bar == 0 else (shape[-1] - width, shape[-1])
-    last = slice(min(max(start, lo), hi) - lo, min(max(stop, lo), hi) - lo)
-    return (*[slice(None)] * (len(shape) - 1), last)
+def _frame_mask(box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """Voxels of ``box`` within the frame: ``_frame_width`` of any image border."""
+    width, dims = _frame_width(shape), len(shape)
+    near = [
+        ((np.arange(lo, hi) < width) | (np.arange(lo, hi) >= n - width)).reshape(
+            [-1 if e == d else 1 for e in range(dims)]
+        )
+        for d, ((lo, hi), n) in enumerate(zip(box, shape, strict=True))
+    ]
+    return np.broadcast_to(functools.reduce(np.logical_or, near), [hi - lo for lo, hi in box])
