@@ -11,7 +11,7 @@ intensity 1 on background 0, plus Gaussian noise:
   every image border: bright (intensity 2) for class 2, dark (-1) for class 1. The frame is
   background and the objects keep S/16 away from it.
 - ``control``: discs or balls of radius S/12, class 1 smooth, class 2 striped (a sinusoid of
-  period 4..6 voxels along a random direction) at the same mean intensity: a small patch
+  period 4..6 voxels, amplitude 1, along a random direction) at the same mean intensity: a small patch
   suffices.
 
 As in :mod:`haloseg.data.synthetic`, every voxel is a pure function of the seed, the sample
@@ -44,7 +44,7 @@ small ones that find no room are left out)."""
 _SMALL, _LARGE, _MEDIUM = (1 / 8, 1 / 6.4), (0.26, 0.3), 1 / 12
 """Half-sides (``size``) and radii as fractions of the shortest side."""
 _FRAME_LEVEL, _FRAME_WIDTH = {1: -1.0, 2: 2.0}, 1 / 32
-_STRIPE_AMPLITUDE, _STRIPE_PERIOD = 0.5, (4.0, 6.0)
+_STRIPE_AMPLITUDE, _STRIPE_PERIOD = 1.0, (4.0, 6.0)
 _TRIES = 200
 
 
