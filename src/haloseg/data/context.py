@@ -11,8 +11,8 @@ intensity 1 on background 0, plus Gaussian noise:
   every image border: bright (intensity 2) for class 2, dark (-1) for class 1. The frame is
   background and the objects keep S/16 away from it.
 - ``control``: discs or balls of radius S/12, class 1 smooth, class 2 striped (a sinusoid of
-  period 4..6 voxels, amplitude 1, along a random direction) at the same mean intensity: a small patch
-  suffices.
+  period 4..6 voxels and amplitude 1 along a random direction) at the same mean intensity: a
+  small patch suffices.
 
 As in :mod:`haloseg.data.synthetic`, every voxel is a pure function of the seed, the sample
 index and its global coordinates, so ``read(index, box)`` is bit-identical to that box of the
