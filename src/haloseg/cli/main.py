@@ -140,7 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     except HalosegError as e:
         print(f"haloseg: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Close a process group a command opened under torchrun (``haloseg infer`` opens one):
+    left open, gloo's threads can abort the process as the interpreter exits."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
