@@ -51,8 +51,6 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
-    import torch.distributed as dist
-
     from haloseg.config import load_config
     from haloseg.training import train
 
@@ -60,11 +58,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     if args.plan:
         plan_cli.plan_run(cfg, console)
         return
-    try:
-        metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
     if metrics["rank"] == 0:
         dice = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("dice_"))
         console.print(f"step {metrics['steps']}: validation Dice {dice}")
@@ -146,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group() -> None:
-    """Close a process group a command opened under torchrun (``haloseg infer`` opens one):
-    left open, gloo's threads can abort the process as the interpreter exits."""
+    """Close a process group a command opened under torchrun (``haloseg train`` and ``infer``
+    open one): left open, gloo's threads can abort the process as the interpreter exits."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
